@@ -1,0 +1,25 @@
+"""Test-wide set-up: the Triton interpreter on CPU-only machines, and the gpu marker.
+
+TRITON_INTERPRET must be set before anything imports triton: triton decides
+at decoration time whether a @triton.jit function is compiled or interpreted.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
