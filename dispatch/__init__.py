@@ -1,0 +1,35 @@
+"""A multi-backend attention dispatcher: correct numbers or a clear refusal.
+
+    import dispatch
+    cfg = dispatch.AttentionConfig(num_heads=32, num_kv_heads=8, head_size=128)
+    out = dispatch.attention(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config=cfg)
+
+Importing this package loads no kernel: backends are imported when first selected.
+"""
+
+from dispatch.api import attention
+from dispatch.capabilities import Capability, DeviceInfo
+from dispatch.config import AttentionConfig, KVQuantMode
+from dispatch.errors import InputError, UnsupportedConfigError
+from dispatch.registry import backend_names, default_order, register_backend, unregister_backend
+from dispatch.selector import BackendReport, Explanation, Plan, clear_cache, explain, select
+
+__all__ = [
+    "attention",
+    "select",
+    "explain",
+    "register_backend",
+    "unregister_backend",
+    "backend_names",
+    "default_order",
+    "clear_cache",
+    "AttentionConfig",
+    "KVQuantMode",
+    "Capability",
+    "DeviceInfo",
+    "Plan",
+    "Explanation",
+    "BackendReport",
+    "InputError",
+    "UnsupportedConfigError",
+]

@@ -117,6 +117,9 @@ class Capability:
     required_modules: tuple[str, ...] = ()
     # False when forward() reads a GPU value on the host (not capturable in a CUDA graph).
     cuda_graph_safe: bool = True
+    # With an fp8 query, the format P (the softmax probabilities) is rounded to before the PV dot,
+    # or None when P stays in higher precision. Tests and the selftest derive their tolerance from it.
+    fp8_query_p_dtype: Optional[str] = None
     # Rules the fields above cannot express; each returns a list of reasons.
     extra_rules: tuple[Callable[[AttentionConfig, DeviceInfo], list[str]], ...] = field(default=(), compare=False)
 

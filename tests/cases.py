@@ -1,196 +1,24 @@
-"""Building paged attention inputs for tests and benchmarks.
+"""Test-side helpers: tolerances derived from the arithmetic, and one comparison that reports the worst element.
 
-`make_inputs(config, q_lens, kv_lens)` draws real-valued q / k / v, quantizes
-them the way a serving engine would for the config's mode ("a scale is a
-dequantization factor": stored = (x / scale).to(dtype)), scatters keys into
-randomly permuted pages, and poisons everything no sequence may read: unused
-pages, the tail of each sequence's last page and the padding columns of the
-block table all point at NaN (for int8, whose format has no NaN, the
-per-token-head scale of such slots is NaN instead). A backend that reads one
-of them produces NaN, which every comparison catches.
+The input builder lives in dispatch.testing (the selftest uses it too); it is
+re-exported here so tests and benchmarks import their cases from one place.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
 
-from dispatch.config import FP8_DTYPES, AttentionConfig, KVQuantMode
-
-# Non-unit, distinct scales (the FP8 case of vLLM PR #42080).
-Q_SCALE = 0.75
-K_SCALE = 0.5
-V_SCALE = 0.25
-OUTPUT_SCALE = 0.05
-
-
-@dataclass
-class AttentionInputs:
-    """The positional tensors and keyword scales of one `dispatch.attention` call."""
-
-    q: torch.Tensor
-    key_cache: torch.Tensor
-    value_cache: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    seq_lens: torch.Tensor
-    block_table: torch.Tensor
-    kwargs: dict = field(default_factory=dict)  # q_scale, k_scale, ..., only those the config uses
-
-    @property
-    def args(self) -> tuple:
-        return (self.q, self.key_cache, self.value_cache, self.cu_seqlens_q, self.seq_lens, self.block_table)
-
-    def oracle_kwargs(self, config: AttentionConfig) -> dict:
-        """Keyword arguments for tests.oracle.reference_attention."""
-        kw = {k: v for k, v in self.kwargs.items() if k not in ("output_scale", "out")}
-        return dict(
-            kw,
-            causal=config.causal,
-            softmax_scale=config.softmax_scale,
-            sliding_window=config.sliding_window,
-            logits_soft_cap=config.logits_soft_cap,
-        )
-
-
-def _quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x / scale in `dtype`, rounded to nearest (int8: also clamped to +-127)."""
-    scaled = x / scale
-    if dtype == torch.int8:
-        return scaled.round().clamp(-127, 127).to(torch.int8)
-    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        limit = torch.finfo(dtype).max
-        return scaled.clamp(-limit, limit).to(dtype)
-    return scaled.to(dtype)
-
-
-def alibi_slopes_for(num_heads: int) -> torch.Tensor:
-    """The ALiBi paper's geometric slopes (closest power of two, then interleaved)."""
-    closest = 2 ** math.floor(math.log2(num_heads))
-    base = 2.0 ** (-8.0 / closest)
-    slopes = [base ** (i + 1) for i in range(closest)]
-    if closest < num_heads:
-        extra = 2.0 ** (-4.0 / closest)
-        slopes += [extra ** (2 * i + 1) for i in range(num_heads - closest)]
-    return torch.tensor(slopes, dtype=torch.float32)
-
-
-def make_inputs(
-    config: AttentionConfig,
-    q_lens: list[int],
-    kv_lens: list[int],
-    *,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    poison: bool = True,
-    extra_blocks: int = 2,
-    q_scale: float = Q_SCALE,
-    k_scale: float = K_SCALE,
-    v_scale: float = V_SCALE,
-    output_scale: float = OUTPUT_SCALE,
-    value_range: float = 1.0,
-) -> AttentionInputs:
-    """Seeded inputs for `config` with the given per-sequence query and KV lengths."""
-    if len(q_lens) != len(kv_lens) or any(q > k for q, k in zip(q_lens, kv_lens)):
-        raise ValueError(f"need q_len <= kv_len per sequence, got q_lens={q_lens} kv_lens={kv_lens}")
-    gen = torch.Generator().manual_seed(seed)
-    heads, kv_heads, d, bs = config.num_heads, config.num_kv_heads, config.head_size, config.block_size
-    mode = config.kv_quant_mode
-    cache_dtype = config.kv_cache_torch_dtype
-    num_tokens = sum(q_lens)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen) * value_range
-
-    # Pages: each sequence gets ceil(kv_len / bs) distinct pages, drawn from a shuffled pool
-    # that also holds `extra_blocks` pages nobody owns.
-    pages_per_seq = [max(1, math.ceil(k / bs)) for k in kv_lens]
-    num_blocks = sum(pages_per_seq) + extra_blocks
-    perm = torch.randperm(num_blocks, generator=gen)
-    unused = perm[sum(pages_per_seq):]
-    width = max(pages_per_seq) + 1  # one padding column, always
-    pad_page = int(unused[0]) if len(unused) else 0
-    block_table = torch.full((len(kv_lens), width), pad_page, dtype=torch.int32)
-    used_slots = torch.zeros(num_blocks, bs, dtype=torch.bool)
-    start = 0
-    for s, (n, kv_len) in enumerate(zip(pages_per_seq, kv_lens)):
-        pages = perm[start : start + n]
-        start += n
-        block_table[s, :n] = pages.to(torch.int32)
-        for j in range(kv_len):
-            used_slots[int(pages[j // bs]), j % bs] = True
-
-    # Real values; per-head magnitudes differ so per-token-head scales really differ.
-    head_gain = torch.linspace(0.5, 2.0, kv_heads).view(1, 1, kv_heads, 1)
-    k_real = randn(num_blocks, bs, kv_heads, d) * head_gain
-    v_real = randn(num_blocks, bs, kv_heads, d) * head_gain.flip(2)
-    q_real = randn(num_tokens, heads, d)
-
-    kwargs: dict = {}
-    if config.q_is_fp8:
-        qs = torch.tensor([q_scale], dtype=torch.float32)
-        q = _quantize(q_real, qs, config.q_torch_dtype)
-        kwargs["q_scale"] = qs
-    else:
-        q = q_real.to(config.q_torch_dtype)
-
-    if mode is KVQuantMode.NONE:
-        key_cache, value_cache = k_real.to(cache_dtype), v_real.to(cache_dtype)
-    elif mode is KVQuantMode.FP8_PER_TENSOR:
-        ks = torch.tensor([k_scale], dtype=torch.float32)
-        vs = torch.tensor([v_scale], dtype=torch.float32)
-        key_cache, value_cache = _quantize(k_real, ks, cache_dtype), _quantize(v_real, vs, cache_dtype)
-        kwargs.update(k_scale=ks, v_scale=vs)
-    else:
-        # Per token and head: scale = amax / format max, so each slot uses its own scale.
-        qmax = 127.0 if cache_dtype == torch.int8 else torch.finfo(cache_dtype).max
-        ksc = (k_real.abs().amax(-1) / qmax).clamp_min(1e-6)
-        vsc = (v_real.abs().amax(-1) / qmax).clamp_min(1e-6)
-        key_cache = _quantize(k_real, ksc[..., None], cache_dtype)
-        value_cache = _quantize(v_real, vsc[..., None], cache_dtype)
-        kwargs.update(k_scale_cache=ksc.float(), v_scale_cache=vsc.float())
-
-    if poison:
-        unused_mask = ~used_slots
-        if cache_dtype == torch.int8:
-            key_cache[unused_mask] = 127
-            value_cache[unused_mask] = -127
-        else:
-            key_cache[unused_mask] = float("nan")
-            value_cache[unused_mask] = float("nan")
-        if "k_scale_cache" in kwargs:
-            kwargs["k_scale_cache"][unused_mask] = float("nan")
-            kwargs["v_scale_cache"][unused_mask] = float("nan")
-
-    if config.use_alibi:
-        kwargs["alibi_slopes"] = alibi_slopes_for(heads)
-    if config.use_sinks:
-        kwargs["sinks"] = torch.randn(heads, generator=gen) * 2.0
-    if config.out_dtype in FP8_DTYPES:
-        kwargs["output_scale"] = torch.tensor([output_scale], dtype=torch.float32)
-
-    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
-    dev = torch.device(device)
-    return AttentionInputs(
-        q=q.to(dev),
-        key_cache=key_cache.to(dev),
-        value_cache=value_cache.to(dev),
-        cu_seqlens_q=cu.to(dev),
-        seq_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-        block_table=block_table.to(dev),
-        kwargs={k: v.to(dev) for k, v in kwargs.items()},
-    )
-
-
-def output_as_real(out: torch.Tensor, config: AttentionConfig, inputs: AttentionInputs) -> torch.Tensor:
-    """A backend's output as float64 real values (fp8 output dequantized by output_scale)."""
-    real = out.detach().cpu().to(torch.float64)
-    if config.out_is_fp8:
-        real = real * float(inputs.kwargs["output_scale"].cpu()[0])
-    return real
+from dispatch.config import AttentionConfig
+from dispatch.testing import (  # noqa: F401  (re-exported)
+    K_SCALE,
+    OUTPUT_SCALE,
+    Q_SCALE,
+    V_SCALE,
+    AttentionInputs,
+    alibi_slopes_for,
+    make_inputs,
+    output_as_real,
+)
 
 
 def assert_close_to_oracle(out, ref, *, atol: float, rtol: float, label: str = "") -> float:
@@ -213,3 +41,29 @@ def assert_close_to_oracle(out, ref, *, atol: float, rtol: float, label: str = "
             f"|diff|={float(err[idx]):.3g} > atol {atol} + rtol {rtol} * |oracle|; max |diff| {float(err.max()):.3g}"
         )
     return float(err.max())
+
+
+# Unit roundoff (half an ulp at 1.0) of each format: the size of one rounding.
+UNIT_ROUNDOFF = {
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+    torch.float8_e4m3fn: 2.0**-4,
+}
+
+
+def tolerance(config: AttentionConfig, compute_dtype: torch.dtype, roundings: int = 8) -> tuple[float, float]:
+    """(atol, rtol) for a backend computing in `compute_dtype` against the float64 oracle.
+
+    The oracle sees the same stored (already quantized) inputs, so the error is
+    the arithmetic's alone: a few roundings in the compute dtype (scores, P,
+    the PV accumulation; `roundings` of them, relative to outputs of size ~1),
+    plus one rounding of the result into the output dtype.
+    """
+    u_compute = UNIT_ROUNDOFF[compute_dtype]
+    u_out = UNIT_ROUNDOFF[config.out_torch_dtype]
+    atol = roundings * u_compute
+    if config.out_is_fp8:
+        # fp8 stores o / output_scale; its smallest subnormal step (2^-9), times the scale, is an absolute floor.
+        atol += 2.0**-9 * OUTPUT_SCALE
+    return atol, u_out + roundings * u_compute

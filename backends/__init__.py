@@ -1,0 +1,1 @@
+"""Backends: one module (or package) each, a Capability record plus forward()."""

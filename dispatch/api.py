@@ -1,0 +1,249 @@
+"""`attention()`: check the tensors against the config, then run the selected backend.
+
+Every check reads only tensor metadata (shape, dtype, device, strides); none
+reads a value back from the GPU, so the call stays capturable in a CUDA graph.
+Value checks (lengths, page ids in range) would need a sync and are not made
+here.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+from dispatch import registry
+from dispatch.config import AttentionConfig, KVQuantMode
+from dispatch.errors import InputError
+from dispatch.selector import Plan, select
+
+__all__ = ["attention"]
+
+_plans: dict[tuple[AttentionConfig, torch.device], Plan] = {}
+_plans_lock = threading.Lock()
+
+
+def _clear_plans() -> None:
+    with _plans_lock:
+        _plans.clear()
+
+
+registry.on_change(_clear_plans)
+
+
+def _plan_for(config: AttentionConfig, device: torch.device) -> Plan:
+    # A second, cheaper cache in front of select(): keyed on the tensor's own device
+    # object, so a cached call skips resolving the device.
+    key = (config, device)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = select(config, device)
+        with _plans_lock:
+            _plans[key] = plan
+    return plan
+
+
+def _describe(t) -> str:
+    if t is None:
+        return "None"
+    if not isinstance(t, torch.Tensor):
+        return f"{type(t).__name__}"
+    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def _check_tensor(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device, why: str = "") -> None:
+    """shape entries may be None (any size). Raises InputError naming `name`."""
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name}: expected a {dtype} tensor{why}, got {_describe(t)}")
+    if t.dim() != len(shape) or any(e is not None and e != g for e, g in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
+        raise InputError(f"{name}: expected shape {want}{why}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise InputError(f"{name}: expected dtype {dtype}{why}, got {t.dtype}")
+    if t.device != device:
+        raise InputError(f"{name}: expected a tensor on {device} (the device of q), got one on {t.device}")
+
+
+def _check_scalar_scale(name: str, t, device: torch.device, why: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name}: required {why}, got {_describe(t)}")
+    if t.numel() != 1:
+        raise InputError(f"{name}: expected one element (a per-tensor scale) {why}, got shape {tuple(t.shape)}")
+    if t.dtype != torch.float32:
+        raise InputError(f"{name}: expected dtype torch.float32 {why}, got {t.dtype}")
+    if t.device != device:
+        raise InputError(f"{name}: expected a tensor on {device} (the device of q), got one on {t.device}")
+
+
+def _absent(name: str, t, why: str) -> None:
+    if t is not None:
+        raise InputError(f"{name}: must be None {why}, got {_describe(t)}")
+
+
+def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise InputError(f"{name}: expected a contiguous last dimension (stride 1), got strides {t.stride()}")
+
+
+def check_inputs(
+    config: AttentionConfig,
+    q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table,
+    q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale, out,
+) -> None:
+    """Raise InputError for the first argument that does not match `config`."""
+    if not isinstance(q, torch.Tensor):
+        raise InputError(f"q: expected a tensor [num_tokens, num_heads, head_size], got {_describe(q)}")
+    device = q.device
+    heads, kv_heads, d, bs = config.num_heads, config.num_kv_heads, config.head_size, config.block_size
+    _check_tensor("q", q, (None, heads, d), config.q_torch_dtype, device,
+                  " ([num_tokens, num_heads, head_size] in q_dtype)")
+    _check_last_dim_contiguous("q", q)
+    num_tokens = q.shape[0]
+    _check_tensor("key_cache", key_cache, (None, bs, kv_heads, d), config.kv_cache_torch_dtype, device,
+                  " ([num_blocks, block_size, num_kv_heads, head_size] in kv_cache_dtype)")
+    num_blocks = key_cache.shape[0]
+    _check_tensor("value_cache", value_cache, tuple(key_cache.shape), config.kv_cache_torch_dtype, device,
+                  " (same as key_cache)")
+    _check_last_dim_contiguous("key_cache", key_cache)
+    _check_last_dim_contiguous("value_cache", value_cache)
+    _check_tensor("seq_lens", seq_lens, (None,), torch.int32, device, " (int32 [num_seqs])")
+    num_seqs = seq_lens.shape[0]
+    _check_tensor("cu_seqlens_q", cu_seqlens_q, (num_seqs + 1,), torch.int32, device,
+                  f" (int32 [num_seqs + 1] with num_seqs={num_seqs} from seq_lens)")
+    _check_tensor("block_table", block_table, (num_seqs, None), torch.int32, device,
+                  " (int32 [num_seqs, max_blocks_per_seq])")
+    if block_table.shape[1] == 0:
+        raise InputError("block_table: expected at least one page per sequence, got shape "
+                         f"{tuple(block_table.shape)}")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens", seq_lens)):
+        _check_last_dim_contiguous(name, t)
+    _check_last_dim_contiguous("block_table", block_table)
+
+    mode = config.kv_quant_mode
+    mode_why = f"for kv_quant_mode={mode.value}"
+    if config.q_is_fp8:
+        _check_scalar_scale("q_scale", q_scale, device, f"for q_dtype={config.q_dtype}")
+    else:
+        _absent("q_scale", q_scale, f"for q_dtype={config.q_dtype} (only an fp8 query has a scale)")
+    if mode is KVQuantMode.FP8_PER_TENSOR:
+        _check_scalar_scale("k_scale", k_scale, device, mode_why)
+        _check_scalar_scale("v_scale", v_scale, device, mode_why)
+    else:
+        _absent("k_scale", k_scale, mode_why)
+        _absent("v_scale", v_scale, mode_why)
+    if mode.is_per_token_head:
+        for name, t in (("k_scale_cache", k_scale_cache), ("v_scale_cache", v_scale_cache)):
+            if t is None:
+                raise InputError(f"{name}: required {mode_why}, got None")
+            _check_tensor(name, t, (num_blocks, bs, kv_heads), torch.float32, device,
+                          " (fp32 [num_blocks, block_size, num_kv_heads])")
+            if not t.is_contiguous():
+                raise InputError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+    else:
+        _absent("k_scale_cache", k_scale_cache, mode_why)
+        _absent("v_scale_cache", v_scale_cache, mode_why)
+
+    if config.use_alibi:
+        _check_tensor("alibi_slopes", alibi_slopes, (heads,), torch.float32, device,
+                      " (fp32 [num_heads], required for use_alibi=True)")
+    else:
+        _absent("alibi_slopes", alibi_slopes, "for use_alibi=False")
+    if config.use_sinks:
+        _check_tensor("sinks", sinks, (heads,), torch.float32, device, " (fp32 [num_heads], required for use_sinks=True)")
+    else:
+        _absent("sinks", sinks, "for use_sinks=False")
+    if config.out_is_fp8:
+        _check_scalar_scale("output_scale", output_scale, device, f"for out_dtype={config.out_dtype}")
+    else:
+        _absent("output_scale", output_scale, f"for out_dtype={config.out_dtype} (only fp8 output is scaled)")
+
+    if out is not None:
+        _check_tensor("out", out, (num_tokens, heads, d), config.out_torch_dtype, device,
+                      " ([num_tokens, num_heads, head_size] in out_dtype)")
+        _check_last_dim_contiguous("out", out)
+        for name, t in (("q", q), ("key_cache", key_cache), ("value_cache", value_cache)):
+            if _overlaps(out, t):
+                raise InputError(f"out: must not share memory with {name}")
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    config: AttentionConfig,
+    q_scale: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    k_scale_cache: Optional[torch.Tensor] = None,
+    v_scale_cache: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
+    output_scale: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Paged, variable-length attention on the backend `config.backend` names or `auto` picks.
+
+    Args:
+        q: [num_tokens, num_heads, head_size] in ``config.q_dtype``; the query tokens of all
+            sequences, concatenated.
+        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size] in
+            ``config.kv_cache_dtype``; pages of ``block_size`` tokens.
+        cu_seqlens_q: int32 [num_seqs + 1]; sequence s owns query rows
+            cu_seqlens_q[s] : cu_seqlens_q[s + 1].
+        seq_lens: int32 [num_seqs]; KV length of each sequence (context + new tokens), which
+            must be at least its query length.
+        block_table: int32 [num_seqs, max_blocks_per_seq]; key j of sequence s lives in page
+            block_table[s, j // block_size], slot j % block_size.
+        config: the AttentionConfig this call must match.
+        q_scale: fp32, one element; required when q is fp8, else None.
+        k_scale, v_scale: fp32, one element each; required for FP8_PER_TENSOR, else None.
+        k_scale_cache, v_scale_cache: fp32 [num_blocks, block_size, num_kv_heads]; required
+            for FP8_PER_TOKEN_HEAD and INT8_PER_TOKEN_HEAD, else None.
+        alibi_slopes: fp32 [num_heads]; required when ``config.use_alibi``.
+        sinks: fp32 [num_heads]; required when ``config.use_sinks``.
+        output_scale: fp32, one element; required when ``config.out_dtype`` is fp8
+            (stored output = attention / output_scale, saturated to the format's range).
+        out: optional preallocated [num_tokens, num_heads, head_size] in ``config.out_dtype``.
+
+    A scale is a dequantization factor: real value = stored.float() * scale. Query i of a
+    sequence with q_len queries and kv_len keys sits at position kv_len - q_len + i, so the
+    causal mask is aligned bottom-right (q_len=2, kv_len=5)::
+
+        key   0 1 2 3 4
+        q0    1 1 1 1 0
+        q1    1 1 1 1 1
+
+    Returns:
+        [num_tokens, num_heads, head_size] in ``config.out_dtype`` (``out`` itself when given).
+
+    Raises:
+        InputError: an argument does not match the config (the message names it).
+        UnsupportedConfigError: no backend (or not the named one) can run the config.
+    """
+    if not isinstance(config, AttentionConfig):
+        raise InputError(f"config: expected an AttentionConfig, got {type(config).__name__}")
+    check_inputs(config, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table,
+                 q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale, out)
+    plan = _plan_for(config, q.device)
+    return plan.backend_forward(
+        q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config=config,
+        q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache,
+        v_scale_cache=v_scale_cache, alibi_slopes=alibi_slopes, sinks=sinks, output_scale=output_scale, out=out,
+    )

@@ -1,0 +1,209 @@
+"""Choosing a backend: `select()` decides, `explain()` shows why.
+
+Both read only the capability records (through `dispatch.capabilities.reasons`)
+and the registry's order, so what `explain()` prints is exactly what
+`select()` does. A named backend either fits or is refused with its reasons;
+it is never swapped for another. `auto` takes the first backend in the order
+with no reasons, and the decision is logged once per (config, device).
+Decisions are cached per (config, device); `register_backend()` clears the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from dispatch import registry
+from dispatch.capabilities import Capability, DeviceInfo, missing_modules, reasons, resolve_device
+from dispatch.config import AttentionConfig
+from dispatch.errors import UnsupportedConfigError
+
+__all__ = ["Plan", "BackendReport", "Explanation", "select", "explain", "clear_cache"]
+
+logger = logging.getLogger("dispatch")
+
+DeviceLike = Union[str, torch.device, DeviceInfo, None]
+
+
+@dataclass(frozen=True)
+class BackendReport:
+    """One backend's verdict on one (config, device)."""
+
+    name: str
+    available: bool  # its module and required modules import here
+    supported: bool  # available, and no reason against this config on this device
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Every registered backend's verdict, in selection order, and the one that would run."""
+
+    config: AttentionConfig
+    device: DeviceInfo
+    requested: str  # config.backend: "auto" or a name
+    order: tuple[str, ...]  # what auto walks
+    backends: tuple[BackendReport, ...]
+    chosen: Optional[str]
+
+    def __str__(self) -> str:
+        lines = [
+            f"config:  {self.config.summary()}",
+            f"device:  {self.device}",
+            f"backend: {self.requested}" + (f" (order: {', '.join(self.order)})" if self.requested == "auto" else ""),
+            "",
+        ]
+        width = max([len(b.name) for b in self.backends] + [7])
+        lines.append(f"   {'backend':<{width}}  {'available':<9}  {'supported':<9}  reasons")
+        for b in self.backends:
+            mark = "=>" if b.name == self.chosen else "  "
+            first, *rest = b.reasons or ("-",)
+            lines.append(f"{mark} {b.name:<{width}}  {'yes' if b.available else 'no':<9}  "
+                         f"{'yes' if b.supported else 'no':<9}  {first}")
+            lines.extend(f"   {'':<{width}}  {'':<9}  {'':<9}  {r}" for r in rest)
+        lines.append("")
+        lines.append(f"chosen: {self.chosen}" if self.chosen else "chosen: none (see the reasons above)")
+        return "\n".join(lines)
+
+    def report(self, name: str) -> BackendReport:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "device": str(self.device),
+            "requested": self.requested,
+            "order": list(self.order),
+            "chosen": self.chosen,
+            "backends": [
+                {"name": b.name, "available": b.available, "supported": b.supported, "reasons": list(b.reasons)}
+                for b in self.backends
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The backend chosen for one (config, device): call `forward` to run it directly."""
+
+    name: str
+    config: AttentionConfig
+    device: DeviceInfo
+    capability: Capability
+    backend_forward: Callable
+    skipped: tuple[tuple[str, tuple[str, ...]], ...] = ()  # backends auto passed over, with reasons
+
+    def forward(self, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, **kwargs):
+        """Run the backend with `attention()`'s keywords (minus config); no argument checks."""
+        return self.backend_forward(
+            q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config=self.config, **kwargs
+        )
+
+
+def _report(name: str, config: AttentionConfig, device: DeviceInfo) -> BackendReport:
+    entry = registry.get_backend(name)
+    if isinstance(entry, str):  # the backend's own module failed to load
+        return BackendReport(name, available=False, supported=False, reasons=(entry,))
+    why = reasons(entry.capability, config, device)
+    available = not missing_modules(entry.capability.required_modules)
+    return BackendReport(name, available=available, supported=not why, reasons=tuple(why))
+
+
+def explain(config: AttentionConfig, device: DeviceLike = None) -> Explanation:
+    """Every registered backend, supported or not, with all its reasons."""
+    info = resolve_device(device)
+    order = registry.default_order()
+    names = registry.backend_names()
+    if config.backend != "auto" and config.backend not in names:
+        raise UnsupportedConfigError(registry.unknown_backend_message(config.backend))
+    reports = tuple(_report(name, config, info) for name in names)
+    if config.backend == "auto":
+        chosen = next((r.name for name in order for r in reports if r.name == name and r.supported), None)
+    else:
+        chosen = config.backend if any(r.name == config.backend and r.supported for r in reports) else None
+    return Explanation(config, info, config.backend, order, reports, chosen)
+
+
+def format_refusal(headline: str, config: AttentionConfig, device: DeviceInfo, refused: Sequence[BackendReport]) -> str:
+    """The one formatter for every refusal: the config, then each backend tried and its reasons."""
+    lines = [headline, f"  config: {config.summary()}", f"  device: {device}"]
+    for report in refused:
+        lines.append(f"  `{report.name}` is not supported because:")
+        lines.extend(f"    - {reason}" for reason in report.reasons)
+    return "\n".join(lines)
+
+
+_cache: dict[tuple[AttentionConfig, DeviceInfo], Plan] = {}
+_cache_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+registry.on_change(clear_cache)
+
+
+def _decide(config: AttentionConfig, device: DeviceInfo) -> Plan:
+    """The decision itself: pure, no logging, no caching."""
+    if config.backend != "auto":
+        if config.backend not in registry.backend_names():
+            raise UnsupportedConfigError(registry.unknown_backend_message(config.backend))
+        report = _report(config.backend, config, device)
+        if not report.supported:
+            raise UnsupportedConfigError(
+                format_refusal(f"Backend {config.backend!r} cannot run this config (no fallback for a named backend):",
+                               config, device, [report]),
+                {report.name: list(report.reasons)},
+            )
+        entry = registry.get_backend(config.backend)
+        return Plan(entry.name, config, device, entry.capability, entry.forward)
+
+    skipped: list[BackendReport] = []
+    for name in registry.default_order():
+        report = _report(name, config, device)
+        if report.supported:
+            entry = registry.get_backend(name)
+            return Plan(name, config, device, entry.capability, entry.forward,
+                        tuple((s.name, s.reasons) for s in skipped))
+        skipped.append(report)
+    raise UnsupportedConfigError(
+        format_refusal("No attention backend can run this config:", config, device, skipped),
+        {s.name: list(s.reasons) for s in skipped},
+    )
+
+
+def select(config: AttentionConfig, device: DeviceLike = None) -> Plan:
+    """The backend `config.backend` names (or `auto` picks) for `device`, as a runnable Plan.
+
+    Raises UnsupportedConfigError with every reason when there is none.
+    """
+    info = resolve_device(device)
+    key = (config, info)
+    plan = _cache.get(key)
+    if plan is not None:
+        return plan
+    plan = _decide(config, info)
+    with _cache_lock:
+        first = key not in _cache
+        plan = _cache.setdefault(key, plan)
+    if first:
+        _log_choice(plan)
+    return plan
+
+
+def _log_choice(plan: Plan) -> None:
+    if plan.skipped:
+        why = "; ".join(f"{name}: {', '.join(rs)}" for name, rs in plan.skipped)
+        logger.info("attention backend %r chosen for [%s] on %s; skipped %s", plan.name,
+                    plan.config.summary(), plan.device, why)
+    else:
+        logger.info("attention backend %r chosen for [%s] on %s", plan.name, plan.config.summary(), plan.device)

@@ -1,0 +1,111 @@
+"""`python -m dispatch selftest`: every backend on this machine against a float64 reference.
+
+For a small, fixed set of configs that covers each KV quantization mode and
+each feature, every registered backend either runs and is compared with
+`dispatch.testing.reference_attention`, or is refused with its reasons.
+A result is `pass`, `refused` (with the first reason) or `fail`; the exit
+code is 1 when anything fails, so the command can gate an install.
+
+The comparison is the relative error ||out - ref|| / ||ref|| against a bound
+of 4 units of roundoff of the least precise step the backend takes (its
+compute dtype, the output dtype, and P when it rounds P to fp8 for an fp8
+query). The test suite holds backends to a much stricter, per-element
+standard; this is a quick check that the install computes attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from dispatch import registry
+from dispatch.api import attention
+from dispatch.config import AttentionConfig
+from dispatch.errors import UnsupportedConfigError
+from dispatch.selector import explain
+from dispatch.testing import make_inputs, output_as_real, reference_attention
+
+__all__ = ["SELFTEST_CONFIGS", "SelftestResult", "run_selftest", "format_results"]
+
+_SHAPE = dict(num_heads=4, num_kv_heads=2, head_size=64)
+# (label, config fields): every mode, every feature, GQA, an fp8 output.
+SELFTEST_CONFIGS: tuple[tuple[str, dict], ...] = (
+    ("fp16", dict(q_dtype="float16", kv_cache_dtype="float16")),
+    ("bf16", dict(q_dtype="bfloat16", kv_cache_dtype="bfloat16")),
+    ("fp8q-fp8kv-per-tensor", dict(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn",
+                                   kv_quant_mode="FP8_PER_TENSOR")),
+    ("fp16q-e5m2kv-per-tensor", dict(q_dtype="float16", kv_cache_dtype="float8_e5m2", kv_quant_mode="FP8_PER_TENSOR")),
+    ("bf16q-fp8kv-per-token-head", dict(q_dtype="bfloat16", kv_cache_dtype="float8_e4m3fn",
+                                        kv_quant_mode="FP8_PER_TOKEN_HEAD")),
+    ("fp16q-int8kv-per-token-head", dict(q_dtype="float16", kv_cache_dtype="int8",
+                                         kv_quant_mode="INT8_PER_TOKEN_HEAD")),
+    ("fp16-window-softcap-alibi-sinks", dict(q_dtype="float16", kv_cache_dtype="float16", sliding_window=24,
+                                             logits_soft_cap=8.0, use_alibi=True, use_sinks=True, causal=False)),
+    ("fp16-fp8-output", dict(q_dtype="float16", kv_cache_dtype="float16", out_dtype="float8_e4m3fn")),
+)
+_Q_LENS = [1, 1, 17, 5]
+_KV_LENS = [1, 16, 17, 40]
+
+_UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8, "float8_e4m3fn": 2.0**-4}
+
+
+@dataclass(frozen=True)
+class SelftestResult:
+    config: str
+    backend: str
+    status: str  # "pass" | "refused" | "fail"
+    detail: str  # the error and its bound, the first refusal reason, or the failure
+
+
+def error_bound(config: AttentionConfig, fp8_query_p_dtype: Optional[str]) -> float:
+    steps = [config.out_dtype, "float32" if config.q_is_fp8 else config.q_dtype]
+    if config.q_is_fp8 and fp8_query_p_dtype is not None:
+        steps.append(fp8_query_p_dtype)
+    return 4 * max(_UNIT_ROUNDOFF[s] for s in steps)
+
+
+def _check_one(label: str, config: AttentionConfig, device: str) -> SelftestResult:
+    report = explain(config, device).report(config.backend)
+    if not report.supported:
+        more = f" (+{len(report.reasons) - 1} more)" if len(report.reasons) > 1 else ""
+        return SelftestResult(label, config.backend, "refused", report.reasons[0] + more)
+    inputs = make_inputs(config, _Q_LENS, _KV_LENS, device=device, seed=1)
+    try:
+        out = attention(*inputs.args, config=config, **inputs.kwargs)
+    except (UnsupportedConfigError, RuntimeError, ValueError) as exc:
+        return SelftestResult(label, config.backend, "fail", f"{type(exc).__name__}: {exc}".splitlines()[0])
+    got = output_as_real(out, config, inputs)
+    ref = reference_attention(inputs, config)
+    if not torch.isfinite(got).all():
+        return SelftestResult(label, config.backend, "fail", "non-finite output")
+    err = float((got - ref).norm() / ref.norm())
+    entry = registry.get_backend(config.backend)
+    bound = error_bound(config, entry.capability.fp8_query_p_dtype)
+    status = "pass" if err <= bound else "fail"
+    return SelftestResult(label, config.backend, status, f"rel err {err:.2e} (bound {bound:.1e})")
+
+
+def run_selftest(device: Optional[str] = None) -> list[SelftestResult]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    for label, fields in SELFTEST_CONFIGS:
+        for name in registry.backend_names():
+            config = AttentionConfig(**_SHAPE, **fields, backend=name)
+            results.append(_check_one(label, config, device))
+    return results
+
+
+def format_results(results: list[SelftestResult], device: str) -> str:
+    width_c = max(len(r.config) for r in results)
+    width_b = max(len(r.backend) for r in results)
+    lines = [f"selftest on {device}", f"{'config':<{width_c}}  {'backend':<{width_b}}  {'result':<7}  detail"]
+    lines += [f"{r.config:<{width_c}}  {r.backend:<{width_b}}  {r.status:<7}  {r.detail}" for r in results]
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "refused", "fail")}
+    lines.append(f"{counts['pass']} passed, {counts['fail']} failed, {counts['refused']} refused")
+    return "\n".join(lines)
+
+
+def results_as_dicts(results: list[SelftestResult]) -> list[dict]:
+    return [asdict(r) for r in results]

@@ -1,0 +1,144 @@
+"""dispatch.attention's argument checks: each names the argument, the expected and the received."""
+
+import inspect
+
+import pytest
+import torch
+
+import dispatch
+from dispatch import AttentionConfig, InputError, UnsupportedConfigError
+from tests.cases import make_inputs
+
+FP8 = AttentionConfig(num_heads=4, num_kv_heads=2, head_size=32, q_dtype="fp8", kv_cache_dtype="fp8",
+                      kv_quant_mode="FP8_PER_TENSOR", backend="sdpa")
+PER_TOKEN = AttentionConfig(num_heads=4, num_kv_heads=2, head_size=32, q_dtype="fp16", kv_cache_dtype="int8",
+                            kv_quant_mode="INT8_PER_TOKEN_HEAD", backend="sdpa", use_alibi=True)
+PLAIN = AttentionConfig(num_heads=4, num_kv_heads=2, head_size=32, q_dtype="fp16", kv_cache_dtype="fp16",
+                        backend="sdpa")
+
+
+def call(config, inputs, **changes):
+    args = dict(zip(["q", "key_cache", "value_cache", "cu_seqlens_q", "seq_lens", "block_table"], inputs.args))
+    kwargs = dict(inputs.kwargs)
+    for name, value in changes.items():
+        if name in args:
+            args[name] = value
+        else:
+            kwargs[name] = value
+    return dispatch.attention(*args.values(), config=config, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def fp8_inputs():
+    return make_inputs(FP8, [1, 3], [5, 20])
+
+
+@pytest.fixture(scope="module")
+def per_token_inputs():
+    return make_inputs(PER_TOKEN, [1, 3], [5, 20])
+
+
+@pytest.fixture(scope="module")
+def plain_inputs():
+    return make_inputs(PLAIN, [1, 3], [5, 20])
+
+
+def test_valid_calls_run(fp8_inputs, per_token_inputs, plain_inputs):
+    for config, inputs in ((FP8, fp8_inputs), (PER_TOKEN, per_token_inputs), (PLAIN, plain_inputs)):
+        assert call(config, inputs).shape == (4, 4, 32)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda i: dict(q_scale=None), "q_scale: required for q_dtype=float8_e4m3fn, got None"),
+        (lambda i: dict(k_scale=None), "k_scale: required for kv_quant_mode=FP8_PER_TENSOR, got None"),
+        (lambda i: dict(v_scale=None), "v_scale: required for kv_quant_mode=FP8_PER_TENSOR, got None"),
+        (lambda i: dict(k_scale=torch.ones(2)), "k_scale: expected one element (a per-tensor scale) for "
+                                                "kv_quant_mode=FP8_PER_TENSOR, got shape (2,)"),
+        (lambda i: dict(v_scale=torch.ones(1, dtype=torch.float16)), "v_scale: expected dtype torch.float32"),
+        (lambda i: dict(k_scale_cache=torch.ones(i.key_cache.shape[:3])),
+         "k_scale_cache: must be None for kv_quant_mode=FP8_PER_TENSOR, got torch.float32 tensor"),
+        (lambda i: dict(q=i.q.to(torch.bfloat16)), "q: expected dtype torch.float8_e4m3fn"),
+        (lambda i: dict(q=i.q[:, :2]), "q: expected shape [*, 4, 32]"),
+        (lambda i: dict(key_cache=i.key_cache[:, :8]), "key_cache: expected shape [*, 16, 2, 32]"),
+        (lambda i: dict(value_cache=i.value_cache[:-1]), "value_cache: expected shape"),
+        (lambda i: dict(value_cache=i.value_cache.to(torch.float16)), "value_cache: expected dtype"),
+        (lambda i: dict(seq_lens=i.seq_lens.long()), "seq_lens: expected dtype torch.int32"),
+        (lambda i: dict(cu_seqlens_q=i.cu_seqlens_q[:2]), "cu_seqlens_q: expected shape [3]"),
+        (lambda i: dict(block_table=i.block_table[:1]), "block_table: expected shape [2, *]"),
+        (lambda i: dict(block_table=i.block_table[:, :0]), "block_table: expected at least one page"),
+        (lambda i: dict(block_table=i.block_table.t().contiguous().t()), "block_table: expected a contiguous last"),
+        (lambda i: dict(alibi_slopes=torch.ones(4)), "alibi_slopes: must be None for use_alibi=False"),
+        (lambda i: dict(sinks=torch.ones(4)), "sinks: must be None for use_sinks=False"),
+        (lambda i: dict(output_scale=torch.ones(1)), "output_scale: must be None for out_dtype=bfloat16"),
+        (lambda i: dict(out=torch.empty(4, 4, 32, dtype=torch.float16)), "out: expected dtype torch.bfloat16"),
+        (lambda i: dict(out=torch.empty(3, 4, 32, dtype=torch.bfloat16)), "out: expected shape [4, 4, 32]"),
+        (lambda i: dict(key_cache=[1, 2]), "key_cache: expected a torch.float8_e4m3fn tensor"),
+    ],
+)
+def test_fp8_call_errors(fp8_inputs, change, message):
+    with pytest.raises(InputError) as info:
+        call(FP8, fp8_inputs, **change(fp8_inputs))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda i: dict(k_scale_cache=None), "k_scale_cache: required for kv_quant_mode=INT8_PER_TOKEN_HEAD, got None"),
+        (lambda i: dict(v_scale_cache=i.kwargs["v_scale_cache"][:, :4]),
+         "v_scale_cache: expected shape [{}, 16, 2]"),
+        (lambda i: dict(v_scale_cache=i.kwargs["v_scale_cache"].transpose(0, 1).contiguous().transpose(0, 1)),
+         "v_scale_cache: expected a contiguous tensor"),
+        (lambda i: dict(k_scale=torch.ones(1)), "k_scale: must be None for kv_quant_mode=INT8_PER_TOKEN_HEAD"),
+        (lambda i: dict(q_scale=torch.ones(1)), "q_scale: must be None for q_dtype=float16 (only an fp8 query"),
+        (lambda i: dict(alibi_slopes=None), "alibi_slopes: expected a torch.float32 tensor"),
+        (lambda i: dict(alibi_slopes=torch.ones(3)), "alibi_slopes: expected shape [4]"),
+    ],
+)
+def test_per_token_head_call_errors(per_token_inputs, change, message):
+    num_blocks = per_token_inputs.key_cache.shape[0]
+    with pytest.raises(InputError) as info:
+        call(PER_TOKEN, per_token_inputs, **change(per_token_inputs))
+    assert message.format(num_blocks) in str(info.value)
+
+
+def test_out_must_not_alias_an_input(plain_inputs):
+    with pytest.raises(InputError, match="out: must not share memory with q"):
+        call(PLAIN, plain_inputs, out=plain_inputs.q)
+
+
+def test_device_mismatch_is_named(plain_inputs):
+    meta = plain_inputs.seq_lens.to("meta")
+    with pytest.raises(InputError, match=r"seq_lens: expected a tensor on cpu \(the device of q\), got one on meta"):
+        call(PLAIN, plain_inputs, seq_lens=meta)
+
+
+def test_config_must_be_an_attention_config(plain_inputs):
+    with pytest.raises(InputError, match="config: expected an AttentionConfig, got dict"):
+        dispatch.attention(*plain_inputs.args, config={"num_heads": 4})
+
+
+def test_refusal_from_a_named_backend_reaches_the_caller(plain_inputs):
+    dispatch.register_backend("narrow_fake", capability=dispatch.Capability(
+        description="refuses fp16", q_dtypes=frozenset({"bfloat16"}), kv_cache_dtypes=frozenset({"bfloat16"}),
+        out_dtypes=frozenset({"bfloat16"}), kv_quant_modes=frozenset({dispatch.KVQuantMode.NONE}),
+        devices=frozenset({"cpu"})), forward=lambda *a, **k: None)
+    try:
+        with pytest.raises(UnsupportedConfigError, match="q_dtype='float16' not in"):
+            call(PLAIN.model_copy(update={"backend": "narrow_fake"}), plain_inputs)
+    finally:
+        dispatch.unregister_backend("narrow_fake")
+
+
+def test_signature_matches_the_design_contract():
+    params = inspect.signature(dispatch.attention).parameters
+    assert list(params)[:6] == ["q", "key_cache", "value_cache", "cu_seqlens_q", "seq_lens", "block_table"]
+    keyword_only = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert keyword_only == ["config", "q_scale", "k_scale", "v_scale", "k_scale_cache", "v_scale_cache",
+                            "alibi_slopes", "sinks", "output_scale", "out"]
+    assert all(params[n].default is None for n in keyword_only[1:])
+    doc = dispatch.attention.__doc__
+    for name in params:
+        assert f"{name}" in doc, f"{name} undocumented"
