@@ -11,6 +11,8 @@ from dispatch.api import attention
 from dispatch.capabilities import Capability, DeviceInfo
 from dispatch.config import AttentionConfig, KVQuantMode
 from dispatch.errors import InputError, UnsupportedConfigError
+from dispatch.files import config_for_layer, load_config, load_file, load_profiles
+from dispatch.overrides import use
 from dispatch.registry import backend_names, default_order, register_backend, unregister_backend
 from dispatch.selector import BackendReport, Explanation, Plan, clear_cache, explain, select
 
@@ -23,6 +25,11 @@ __all__ = [
     "backend_names",
     "default_order",
     "clear_cache",
+    "use",
+    "load_config",
+    "load_profiles",
+    "load_file",
+    "config_for_layer",
     "AttentionConfig",
     "KVQuantMode",
     "Capability",

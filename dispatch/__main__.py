@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 from typing import Optional, Sequence
 
@@ -80,13 +81,56 @@ def _parse_fields(pairs: Sequence[str]) -> dict:
     return fields
 
 
+def _configs_to_explain(args) -> dict[str, AttentionConfig]:
+    """label -> config, from a file (all profiles, one profile, or one layer) or from FIELD=VALUE pairs."""
+    from dispatch.files import load_file
+
+    first = args.target[0]
+    if "=" in first or not pathlib.Path(first).exists():
+        if args.profile or args.layer is not None:
+            raise ValueError("--profile and --layer need a config FILE as the first argument")
+        return {"(command line)": AttentionConfig(**_parse_fields(args.target))}
+    if len(args.target) > 1:
+        raise ValueError(f"explain: expected one FILE, got {args.target}")
+    loaded = load_file(first)
+    if args.layer is not None:
+        return {f"layer {args.layer}": loaded.config_for_layer(args.layer)}
+    if args.profile:
+        if args.profile not in loaded.profiles:
+            raise ValueError(f"{first}: profile {args.profile!r} not found; profiles: {', '.join(loaded.profiles)}")
+        return {args.profile: loaded.profiles[args.profile]}
+    return dict(loaded.profiles)
+
+
 def _explain(args) -> int:
     from dispatch.selector import explain
 
-    config = AttentionConfig(**_parse_fields(args.fields))
-    report = explain(config, args.device)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
-    return 0 if report.chosen else 1
+    reports = {label: explain(config, args.device) for label, config in _configs_to_explain(args).items()}
+    if args.json:
+        print(json.dumps({label: r.to_dict() for label, r in reports.items()}, indent=2))
+    else:
+        print("\n\n".join(f"== {label} ==\n{report}" for label, report in reports.items()))
+    return 0 if all(r.chosen for r in reports.values()) else 1
+
+
+def _check(args) -> int:
+    from dispatch.files import load_file
+
+    problems = []
+    try:
+        loaded = load_file(args.file)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if args.json:
+        print(json.dumps({"file": args.file, "ok": not problems, "problems": problems,
+                          "profiles": [] if problems else list(loaded.profiles)}, indent=2))
+    elif problems:
+        print("\n".join(problems))
+    else:
+        layers = f", layers {len(loaded.layer_profiles)} mapped" if loaded.layer_profiles else ""
+        layers += " + '*'" if loaded.other_layers else ""
+        print(f"{args.file}: ok ({len(loaded.profiles)} profiles: {', '.join(loaded.profiles)}{layers})")
+    return 1 if problems else 0
 
 
 def _selftest(args) -> int:
@@ -108,17 +152,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--markdown", action="store_true", help="the README's support table")
     p.set_defaults(run=_list)
-    p = sub.add_parser("explain", help="every backend's verdict on one config")
-    p.add_argument("fields", nargs="+", metavar="FIELD=VALUE")
+    p = sub.add_parser("explain", help="every backend's verdict on each profile of a file, or on one config")
+    p.add_argument("target", nargs="+", metavar="FILE | FIELD=VALUE")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--profile", default=None, help="only this profile of FILE")
+    group.add_argument("--layer", type=int, default=None, help="only the profile that FILE's layer map gives layer I")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_explain)
+    p = sub.add_parser("check", help="validate every profile and the layer map of a config file")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_check)
     p = sub.add_parser("selftest", help="every available backend against a float64 reference")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_selftest)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ValueError as exc:  # a bad file or config: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ import torch
 from dispatch import registry
 from dispatch.config import AttentionConfig, KVQuantMode
 from dispatch.errors import InputError
+from dispatch.overrides import Override, current_override
 from dispatch.selector import Plan, select
 
 __all__ = ["attention"]
 
-_plans: dict[tuple[AttentionConfig, torch.device], Plan] = {}
+_plans: dict[tuple[AttentionConfig, torch.device, Override], Plan] = {}
 _plans_lock = threading.Lock()
 
 
@@ -35,7 +36,7 @@ registry.on_change(_clear_plans)
 def _plan_for(config: AttentionConfig, device: torch.device) -> Plan:
     # A second, cheaper cache in front of select(): keyed on the tensor's own device
     # object, so a cached call skips resolving the device.
-    key = (config, device)
+    key = (config, device, current_override())
     plan = _plans.get(key)
     if plan is None:
         plan = select(config, device)

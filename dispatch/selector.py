@@ -21,6 +21,7 @@ from dispatch import registry
 from dispatch.capabilities import Capability, DeviceInfo, missing_modules, reasons, resolve_device
 from dispatch.config import AttentionConfig
 from dispatch.errors import UnsupportedConfigError
+from dispatch.overrides import Override, current_override
 
 __all__ = ["Plan", "BackendReport", "Explanation", "select", "explain", "clear_cache"]
 
@@ -116,19 +117,31 @@ def _report(name: str, config: AttentionConfig, device: DeviceInfo) -> BackendRe
     return BackendReport(name, available=available, supported=not why, reasons=tuple(why))
 
 
+def _effective(config: AttentionConfig, override: Override) -> tuple[str, tuple[str, ...]]:
+    """(backend requested, order auto walks) once a `dispatch.use()` scope is applied.
+
+    A config that names a backend keeps it; `use(backend=...)` steers only "auto".
+    Unknown names raise UnsupportedConfigError listing the valid ones.
+    """
+    requested = config.backend if config.backend != "auto" else (override.backend or "auto")
+    order = override.order if override.order is not None else registry.default_order()
+    names = registry.backend_names()
+    for name in (requested, *order):
+        if name != "auto" and name not in names:
+            raise UnsupportedConfigError(registry.unknown_backend_message(name))
+    return requested, tuple(order)
+
+
 def explain(config: AttentionConfig, device: DeviceLike = None) -> Explanation:
     """Every registered backend, supported or not, with all its reasons."""
     info = resolve_device(device)
-    order = registry.default_order()
-    names = registry.backend_names()
-    if config.backend != "auto" and config.backend not in names:
-        raise UnsupportedConfigError(registry.unknown_backend_message(config.backend))
-    reports = tuple(_report(name, config, info) for name in names)
-    if config.backend == "auto":
+    requested, order = _effective(config, current_override())
+    reports = tuple(_report(name, config, info) for name in registry.backend_names())
+    if requested == "auto":
         chosen = next((r.name for name in order for r in reports if r.name == name and r.supported), None)
     else:
-        chosen = config.backend if any(r.name == config.backend and r.supported for r in reports) else None
-    return Explanation(config, info, config.backend, order, reports, chosen)
+        chosen = requested if any(r.name == requested and r.supported for r in reports) else None
+    return Explanation(config, info, requested, order, reports, chosen)
 
 
 def format_refusal(headline: str, config: AttentionConfig, device: DeviceInfo, refused: Sequence[BackendReport]) -> str:
@@ -140,7 +153,7 @@ def format_refusal(headline: str, config: AttentionConfig, device: DeviceInfo, r
     return "\n".join(lines)
 
 
-_cache: dict[tuple[AttentionConfig, DeviceInfo], Plan] = {}
+_cache: dict[tuple[AttentionConfig, DeviceInfo, Override], Plan] = {}
 _cache_lock = threading.Lock()
 
 
@@ -152,23 +165,22 @@ def clear_cache() -> None:
 registry.on_change(clear_cache)
 
 
-def _decide(config: AttentionConfig, device: DeviceInfo) -> Plan:
+def _decide(config: AttentionConfig, device: DeviceInfo, override: Override) -> Plan:
     """The decision itself: pure, no logging, no caching."""
-    if config.backend != "auto":
-        if config.backend not in registry.backend_names():
-            raise UnsupportedConfigError(registry.unknown_backend_message(config.backend))
-        report = _report(config.backend, config, device)
+    requested, order = _effective(config, override)
+    if requested != "auto":
+        report = _report(requested, config, device)
         if not report.supported:
             raise UnsupportedConfigError(
-                format_refusal(f"Backend {config.backend!r} cannot run this config (no fallback for a named backend):",
+                format_refusal(f"Backend {requested!r} cannot run this config (no fallback for a named backend):",
                                config, device, [report]),
                 {report.name: list(report.reasons)},
             )
-        entry = registry.get_backend(config.backend)
+        entry = registry.get_backend(requested)
         return Plan(entry.name, config, device, entry.capability, entry.forward)
 
     skipped: list[BackendReport] = []
-    for name in registry.default_order():
+    for name in order:
         report = _report(name, config, device)
         if report.supported:
             entry = registry.get_backend(name)
@@ -184,14 +196,17 @@ def _decide(config: AttentionConfig, device: DeviceInfo) -> Plan:
 def select(config: AttentionConfig, device: DeviceLike = None) -> Plan:
     """The backend `config.backend` names (or `auto` picks) for `device`, as a runnable Plan.
 
-    Raises UnsupportedConfigError with every reason when there is none.
+    Inside `with dispatch.use(backend=..., order=[...])`, an "auto" config runs the scoped
+    backend, and auto walks the scoped order. Raises UnsupportedConfigError with every
+    reason when no backend fits.
     """
     info = resolve_device(device)
-    key = (config, info)
+    override = current_override()
+    key = (config, info, override)
     plan = _cache.get(key)
     if plan is not None:
         return plan
-    plan = _decide(config, info)
+    plan = _decide(config, info, override)
     with _cache_lock:
         first = key not in _cache
         plan = _cache.setdefault(key, plan)
