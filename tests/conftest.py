@@ -23,3 +23,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("parity")
+    group.addoption("--parity-full", action="store_true", default=False,
+                    help="run the full parity product instead of all pairs of factor values")
+    group.addoption("--parity-report", default=os.environ.get("PARITY_REPORT"), metavar="PATH",
+                    help="write the parity results as markdown to PATH (default: $PARITY_REPORT)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--parity-report")
+    from tests.parity.report import RESULTS, write_report
+
+    if path and RESULTS:
+        write_report(path)

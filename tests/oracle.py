@@ -42,12 +42,17 @@ def reference_attention(
     v_scale_cache: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    with_abs: bool = False,
+):
     """Real-valued attention output, float64 [num_tokens, num_heads, head_size] on the CPU.
 
     Every stored value is dequantized as stored.double() * scale before use.
     The output is not rounded to any output dtype: compare a backend's output
     (dequantized with output_scale for fp8) against this.
+
+    With ``with_abs=True`` also returns sum_j p_j |v_j| (the same weights applied to
+    |V|): a backend that rounds each p_j with relative error at most u is off by at
+    most u times this, element by element, which gives fp8-P paths a rigorous bound.
     """
     qd = q.detach().cpu().to(torch.float64)
     if q_scale is not None:
@@ -63,6 +68,7 @@ def reference_attention(
     group = num_heads // num_kv_heads
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_size)
     out = torch.zeros(num_tokens, num_heads, head_size, dtype=torch.float64)
+    out_abs = torch.zeros(num_tokens, num_heads, head_size, dtype=torch.float64)
 
     for seq in range(len(lens)):
         q_start, q_end, kv_len = cu[seq], cu[seq + 1], lens[seq]
@@ -99,7 +105,10 @@ def reference_attention(
                 weights = [math.exp(s - m) for s in scores]
                 denominator = sum(weights) + (math.exp(sink - m) if sink is not None else 0.0)
                 acc = torch.zeros(head_size, dtype=torch.float64)
+                acc_abs = torch.zeros(head_size, dtype=torch.float64)
                 for w, j in zip(weights, visible):
                     acc += w * values[j, kv_head]
+                    acc_abs += w * values[j, kv_head].abs()
                 out[q_start + i, head] = acc / denominator
-    return out
+                out_abs[q_start + i, head] = acc_abs / denominator
+    return (out, out_abs) if with_abs else out
