@@ -98,46 +98,55 @@ def make_inputs(
     v_scale: float = V_SCALE,
     output_scale: float = OUTPUT_SCALE,
     value_range: float = 1.0,
+    generate_on_device: bool = False,
 ) -> AttentionInputs:
-    """Seeded inputs for `config` with the given per-sequence query and KV lengths."""
+    """Seeded inputs for `config` with the given per-sequence query and KV lengths.
+
+    Values are drawn on the CPU, so a seed gives the same inputs on every device
+    (tests compare a GPU run with a CPU oracle). ``generate_on_device=True`` draws
+    them on `device` instead: much faster for benchmark-sized caches, but the
+    values then depend on the device.
+    """
     if len(q_lens) != len(kv_lens) or any(q > k for q, k in zip(q_lens, kv_lens)):
         raise ValueError(f"need q_len <= kv_len per sequence, got q_lens={q_lens} kv_lens={kv_lens}")
-    gen = torch.Generator().manual_seed(seed)
+    dev = torch.device(device)
+    home = dev if generate_on_device else torch.device("cpu")
+    gen = torch.Generator(device=home).manual_seed(seed)
     heads, kv_heads, d, bs = config.num_heads, config.num_kv_heads, config.head_size, config.block_size
     mode = config.kv_quant_mode
     cache_dtype = config.kv_cache_torch_dtype
     num_tokens = sum(q_lens)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen) * value_range
+        return torch.randn(*shape, generator=gen, device=home) * value_range
 
     # Pages: each sequence gets ceil(kv_len / bs) distinct pages, drawn from a shuffled pool
     # that also holds `extra_blocks` pages nobody owns.
     pages_per_seq = [max(1, math.ceil(k / bs)) for k in kv_lens]
     num_blocks = sum(pages_per_seq) + extra_blocks
-    perm = torch.randperm(num_blocks, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen, device=home)
     unused = perm[sum(pages_per_seq):]
     width = max(pages_per_seq) + 1  # one padding column, always
     pad_page = int(unused[0]) if len(unused) else 0
-    block_table = torch.full((len(kv_lens), width), pad_page, dtype=torch.int32)
-    used_slots = torch.zeros(num_blocks, bs, dtype=torch.bool)
+    block_table = torch.full((len(kv_lens), width), pad_page, dtype=torch.int32, device=home)
+    used_slots = torch.zeros(num_blocks, bs, dtype=torch.bool, device=home)
     start = 0
     for s, (n, kv_len) in enumerate(zip(pages_per_seq, kv_lens)):
         pages = perm[start : start + n]
         start += n
         block_table[s, :n] = pages.to(torch.int32)
-        for j in range(kv_len):
-            used_slots[int(pages[j // bs]), j % bs] = True
+        slots = torch.arange(kv_len, device=home)
+        used_slots[pages[slots // bs], slots % bs] = True
 
     # Real values; per-head magnitudes differ so per-token-head scales really differ.
-    head_gain = torch.linspace(0.5, 2.0, kv_heads).view(1, 1, kv_heads, 1)
+    head_gain = torch.linspace(0.5, 2.0, kv_heads, device=home).view(1, 1, kv_heads, 1)
     k_real = randn(num_blocks, bs, kv_heads, d) * head_gain
     v_real = randn(num_blocks, bs, kv_heads, d) * head_gain.flip(2)
     q_real = randn(num_tokens, heads, d)
 
     kwargs: dict = {}
     if config.q_is_fp8:
-        qs = torch.tensor([q_scale], dtype=torch.float32)
+        qs = torch.tensor([q_scale], dtype=torch.float32, device=home)
         q = _quantize(q_real, qs, config.q_torch_dtype)
         kwargs["q_scale"] = qs
     else:
@@ -146,8 +155,8 @@ def make_inputs(
     if mode is KVQuantMode.NONE:
         key_cache, value_cache = k_real.to(cache_dtype), v_real.to(cache_dtype)
     elif mode is KVQuantMode.FP8_PER_TENSOR:
-        ks = torch.tensor([k_scale], dtype=torch.float32)
-        vs = torch.tensor([v_scale], dtype=torch.float32)
+        ks = torch.tensor([k_scale], dtype=torch.float32, device=home)
+        vs = torch.tensor([v_scale], dtype=torch.float32, device=home)
         key_cache, value_cache = _quantize(k_real, ks, cache_dtype), _quantize(v_real, vs, cache_dtype)
         kwargs.update(k_scale=ks, v_scale=vs)
     else:
@@ -166,7 +175,8 @@ def make_inputs(
             value_cache[unused_mask] = -127
         else:
             # Through the raw bytes: fp8 tensors have no masked_fill; NaN casts to NaN in every float format.
-            nan = torch.tensor(float("nan"), dtype=cache_dtype).view(torch.uint8) if cache_dtype.itemsize == 1 else None
+            nan = (torch.tensor(float("nan"), dtype=cache_dtype, device=home).view(torch.uint8)
+                   if cache_dtype.itemsize == 1 else None)
             for cache in (key_cache, value_cache):
                 if nan is not None:
                     cache.view(torch.uint8)[unused_mask] = nan
@@ -179,13 +189,12 @@ def make_inputs(
     if config.use_alibi:
         kwargs["alibi_slopes"] = alibi_slopes_for(heads)
     if config.use_sinks:
-        kwargs["sinks"] = torch.randn(heads, generator=gen) * 2.0
+        kwargs["sinks"] = torch.randn(heads, generator=gen, device=home) * 2.0
     if config.out_dtype in FP8_DTYPES:
         kwargs["output_scale"] = torch.tensor([output_scale], dtype=torch.float32)
 
     cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
-    dev = torch.device(device)
     return AttentionInputs(
         q=q.to(dev),
         key_cache=key_cache.to(dev),

@@ -1,0 +1,404 @@
+"""python -m benchmarks.attention [--quick] [--smoke] [--backends ...] [--cases ...] [--out DIR]
+
+Times every available backend on serving-shaped cases with CUDA events and
+writes raw results (JSON, CSV), a markdown summary and plots. Each output is
+checked against the sdpa backend (itself proven against the float64 oracle by
+the test suite) before it is timed: a fast wrong answer is reported as a
+failure, not a speed.
+
+Metrics, each beside its formula:
+  decode / mixed  TB/s   = KV-cache bytes the call must read (each visible key and
+                           value once, scales included) / time
+                  tok/s  = query tokens / time
+  prefill         TFLOP/s = 4 * sum over sequences and heads of visible (q, k) pairs * head_size / time
+                           (QK^T and PV, 2 FLOPs per multiply-add; causal counts only the visible half)
+  memory          peak extra bytes allocated during one call (max_memory_allocated, before vs during)
+The device's own limits (device-to-device copy bandwidth, bf16 and fp8 matmul
+throughput) are measured in the same run, and each result is given as a
+percentage of them, and as a ratio to flash_attn and sdpa in the same run.
+
+--smoke runs two tiny cases under the Triton interpreter on the CPU (CI): it
+checks that the script, the case definitions and the metrics work, and times
+nothing meaningful. Without CUDA and without --smoke, it says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+# Cases: (name, kind, q_lens, kv_lens). 32 query heads, 8 KV heads, head size 128.
+HEADS, KV_HEADS, HEAD_SIZE = 32, 8, 128
+SHAPES: dict[str, tuple[str, list[int], list[int]]] = {
+    "decode-64x8k": ("decode", [1] * 64, [8192] * 64),
+    "decode-8x32k": ("decode", [1] * 8, [32768] * 8),
+    "decode-256x2k": ("decode", [1] * 256, [2048] * 256),
+    "decode-1x128k": ("decode", [1], [131072]),
+    "prefill-4x4k": ("prefill", [4096] * 4, [4096] * 4),
+    "prefill-1x16k": ("prefill", [16384], [16384]),
+    "mixed-2x2k+62": ("mixed", [2048, 2048] + [1] * 62, [8192, 8192] + [4096] * 62),
+}
+QUICK_SHAPES = ("decode-64x8k", "prefill-4x4k", "mixed-2x2k+62")
+SMOKE_SHAPES: dict[str, tuple[str, list[int], list[int]]] = {
+    "smoke-decode": ("decode", [1, 1], [40, 17]),
+    "smoke-prefill": ("prefill", [17], [17]),
+}
+# (name, config fields)
+DTYPES: dict[str, dict] = {
+    "bf16": dict(q_dtype="bfloat16", kv_cache_dtype="bfloat16"),
+    "bf16q-fp8kv": dict(q_dtype="bfloat16", kv_cache_dtype="float8_e4m3fn", kv_quant_mode="FP8_PER_TENSOR"),
+    "fp8q-fp8kv": dict(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn", kv_quant_mode="FP8_PER_TENSOR"),
+    "bf16q-fp8kv-pth": dict(q_dtype="bfloat16", kv_cache_dtype="float8_e4m3fn", kv_quant_mode="FP8_PER_TOKEN_HEAD"),
+    "bf16q-int8kv-pth": dict(q_dtype="bfloat16", kv_cache_dtype="int8", kv_quant_mode="INT8_PER_TOKEN_HEAD"),
+}
+# Under the Triton interpreter bf16 dots are wrong upstream (triton issue 11584): the smoke run uses fp16.
+SMOKE_DTYPES: dict[str, dict] = {
+    "fp16": dict(q_dtype="float16", kv_cache_dtype="float16"),
+    "fp16q-int8kv-pth": dict(q_dtype="float16", kv_cache_dtype="int8", kv_quant_mode="INT8_PER_TOKEN_HEAD"),
+}
+BLOCK_SIZES = (16, 128)
+
+
+@dataclass
+class Result:
+    case: str
+    kind: str
+    dtypes: str
+    block_size: int
+    backend: str
+    status: str  # "ok" | "refused" | "wrong" | "error"
+    detail: str = ""
+    median_ms: Optional[float] = None
+    min_ms: Optional[float] = None
+    max_ms: Optional[float] = None
+    runs: int = 0
+    tb_per_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    tflops: Optional[float] = None
+    peak_extra_mib: Optional[float] = None
+    max_abs_diff_vs_sdpa: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def visible_pairs(q_lens, kv_lens, causal=True) -> int:
+    total = 0
+    for q, k in zip(q_lens, kv_lens):
+        if causal:
+            # query i sees k - q + i + 1 keys
+            total += q * (k - q) + q * (q + 1) // 2
+        else:
+            total += q * k
+    return total
+
+
+def kv_bytes_read(config, kv_lens) -> int:
+    """Each key and value of every sequence read once, plus the scales the mode needs."""
+    elem = torch.empty((), dtype=config.kv_cache_torch_dtype).element_size()
+    tokens = sum(kv_lens)
+    per_token = 2 * config.num_kv_heads * config.head_size * elem
+    if config.kv_quant_mode.is_per_token_head:
+        per_token += 2 * config.num_kv_heads * 4
+    return tokens * per_token
+
+
+class Timer:
+    """CUDA-event timing with an L2 flush before every run (so no run reads a warm cache)."""
+
+    def __init__(self, device, warmup: int, runs: int):
+        self.device, self.warmup, self.runs = device, warmup, runs
+        self.flush_buffer = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
+
+    def __call__(self, fn: Callable[[], object]) -> list[float]:
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(self.runs):
+            self.flush_buffer.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
+
+
+def device_limits(timer: Timer, device) -> dict:
+    """What this card does on the same run: copy bandwidth and matmul throughput."""
+    limits = {}
+    n = 1 << 30  # 1 GiB
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = statistics.median(timer(lambda: dst.copy_(src)))
+    limits["copy_tb_per_s"] = 2 * n / ms / 1e9  # read + write
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    ms = statistics.median(timer(lambda: a @ b))
+    limits["bf16_matmul_tflops"] = 2 * m**3 / ms / 1e9
+    try:
+        a8 = a.to(torch.float8_e4m3fn)
+        b8 = b.t().contiguous().to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device=device)
+        ms = statistics.median(timer(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one,
+                                                              out_dtype=torch.bfloat16)))
+        limits["fp8_matmul_tflops"] = 2 * m**3 / ms / 1e9
+    except Exception as exc:  # recorded, not swallowed silently
+        limits["fp8_matmul_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return limits
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "date":
+           datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    for module in ("triton", "flash_attn"):
+        try:
+            mod = __import__(module)
+            env[module] = getattr(mod, "__version__", "unknown")
+        except Exception as exc:
+            env[module] = f"not importable ({type(exc).__name__}: {exc})".splitlines()[0]
+    try:
+        from importlib.metadata import version
+
+        env["flash-attn-4"] = version("flash-attn-4")
+    except Exception as exc:
+        env["flash-attn-4"] = f"not installed ({type(exc).__name__})"
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       check=True).stdout.strip()
+    except Exception:
+        env["commit"] = "unknown"
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip()
+        except Exception:
+            env["driver"] = "unknown"
+    else:
+        env["device"] = "cpu (Triton interpreter)"
+    env["command"] = " ".join([os.path.basename(sys.executable), "-m", "benchmarks.attention", *sys.argv[1:]])
+    return env
+
+
+def run_case(name, kind, q_lens, kv_lens, dtype_name, fields, block_size, backends, device, timer,
+             smoke) -> list[Result]:
+    import dispatch
+    from dispatch.testing import make_inputs, output_as_real
+
+    heads, kv_heads, head_size = (4, 2, 32) if smoke else (HEADS, KV_HEADS, HEAD_SIZE)
+    base = dispatch.AttentionConfig(num_heads=heads, num_kv_heads=kv_heads, head_size=head_size,
+                                    block_size=block_size, causal=True, **fields)
+    inputs = make_inputs(base, q_lens, kv_lens, device=device, seed=0, poison=False, extra_blocks=0,
+                         generate_on_device=device != "cpu")
+    trusted = None
+    results = []
+    for backend in ["sdpa"] + [b for b in backends if b != "sdpa"]:
+        config = base.model_copy(update={"backend": backend})
+        result = Result(name, kind, dtype_name, block_size, backend, "ok")
+        report = dispatch.explain(config, device).report(backend)
+        if not report.supported:
+            result.status, result.detail = "refused", "; ".join(report.reasons)
+            if backend in backends:
+                results.append(result)
+            continue
+        try:
+            out = dispatch.attention(*inputs.args, config=config, **inputs.kwargs)
+            real = output_as_real(out, config, inputs) if device == "cpu" else _real_on_device(out, config, inputs)
+            if backend == "sdpa":
+                trusted = real
+            elif trusted is not None:
+                diff = float((real - trusted).abs().max())
+                result.max_abs_diff_vs_sdpa = diff
+                # Both are within a few bf16 roundings of the exact result (tests/ prove it); a larger
+                # gap is a wrong answer, and a wrong answer's speed is not reported.
+                limit = 0.1 if config.q_is_fp8 else 0.03
+                if not math.isfinite(diff) or diff > limit:
+                    result.status, result.detail = "wrong", f"max |out - sdpa| = {diff:.3g} > {limit}"
+                    results.append(result)
+                    continue
+            if backend not in backends:
+                continue
+            if device == "cpu":
+                start = time.perf_counter()
+                dispatch.attention(*inputs.args, config=config, **inputs.kwargs)
+                times = [(time.perf_counter() - start) * 1e3]
+            else:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                dispatch.attention(*inputs.args, config=config, **inputs.kwargs)
+                torch.cuda.synchronize()
+                result.peak_extra_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+                times = timer(lambda: dispatch.attention(*inputs.args, config=config, **inputs.kwargs))
+        except Exception as exc:  # reported in the results, never swallowed
+            result.status, result.detail = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            results.append(result)
+            continue
+        ms = statistics.median(times)
+        result.median_ms, result.min_ms, result.max_ms, result.runs = ms, min(times), max(times), len(times)
+        result.tokens_per_s = sum(q_lens) / (ms / 1e3)
+        result.tb_per_s = kv_bytes_read(config, kv_lens) / (ms / 1e3) / 1e12
+        result.tflops = 4 * visible_pairs(q_lens, kv_lens) * heads * head_size / (ms / 1e3) / 1e12
+        results.append(result)
+    return results
+
+
+def _real_on_device(out, config, inputs):
+    real = out.float()
+    if config.out_is_fp8:
+        real = real * inputs.kwargs["output_scale"]
+    return real
+
+
+def write_outputs(results: list[Result], limits: dict, env: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [asdict(r) for r in results]
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"environment": env, "limits": limits, "results": rows}, f, indent=2)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "extra"] if rows else [])
+        writer.writeheader()
+        for row in rows:
+            row.pop("extra", None)
+            writer.writerow(row)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(summary_markdown(results, limits, env))
+    try:
+        plot(results, out_dir)
+    except ImportError as exc:
+        print(f"plots skipped: {exc}")
+
+
+def summary_markdown(results: list[Result], limits: dict, env: dict) -> str:
+    lines = ["| case | dtypes | bs | backend | median ms | TB/s | % copy | tok/s | TFLOP/s | % matmul | x flash_attn "
+             "| x sdpa | extra MiB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    copy = limits.get("copy_tb_per_s")
+    index = {(r.case, r.dtypes, r.block_size, r.backend): r for r in results}
+    for r in results:
+        if r.status != "ok":
+            lines.append(f"| {r.case} | {r.dtypes} | {r.block_size} | {r.backend} | | | | | | | | | | "
+                         f"{r.status}: {r.detail[:120]} |")
+            continue
+        peak = limits.get("fp8_matmul_tflops" if r.dtypes.startswith("fp8q") else "bf16_matmul_tflops")
+
+        def ratio(other):
+            o = index.get((r.case, r.dtypes, r.block_size, other))
+            return f"{o.median_ms / r.median_ms:.2f}" if o and o.status == "ok" and o.median_ms else "-"
+
+        lines.append(
+            f"| {r.case} | {r.dtypes} | {r.block_size} | {r.backend} | {r.median_ms:.3f} | {r.tb_per_s:.2f} "
+            f"| {100 * r.tb_per_s / copy:.0f} | {r.tokens_per_s:.3g} | {r.tflops:.1f} "
+            f"| {100 * r.tflops / peak:.0f} | {ratio('flash_attn')} | {ratio('sdpa')} | {r.peak_extra_mib or 0:.1f} "
+            f"| ok |" if copy and peak else
+            f"| {r.case} | {r.dtypes} | {r.block_size} | {r.backend} | {r.median_ms:.3f} | {r.tb_per_s:.2f} | - "
+            f"| {r.tokens_per_s:.3g} | {r.tflops:.1f} | - | {ratio('flash_attn')} | {ratio('sdpa')} | - | ok |"
+        )
+    head = [f"- {k}: {v}" for k, v in env.items()] + [f"- limit {k}: {v:.3g}" if isinstance(v, float)
+                                                      else f"- limit {k}: {v}" for k, v in limits.items()]
+    notes = ["", "`x flash_attn` / `x sdpa`: that backend's time / this backend's time (> 1: this one is faster).",
+             "TB/s counts the KV bytes a call must read; TFLOP/s counts the visible (causal) pairs only.", ""]
+    return "\n".join(head + notes + lines) + "\n"
+
+
+def plot(results: list[Result], out_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.status == "ok"]
+    for metric, kinds, label, filename in (
+        ("tb_per_s", ("decode", "mixed"), "KV read bandwidth (TB/s)", "bandwidth.png"),
+        ("tflops", ("prefill",), "TFLOP/s", "tflops.png"),
+    ):
+        rows = [r for r in ok if r.kind in kinds]
+        if not rows:
+            continue
+        groups = sorted({(r.case, r.dtypes, r.block_size) for r in rows}, key=str)
+        backends = sorted({r.backend for r in rows})
+        fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(groups) * len(backends)), 5))
+        width = 0.8 / len(backends)
+        for i, backend in enumerate(backends):
+            values = [next((getattr(r, metric) for r in rows if (r.case, r.dtypes, r.block_size) == g
+                            and r.backend == backend), 0) for g in groups]
+            ax.bar([x + i * width for x in range(len(groups))], values, width, label=backend)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
+        ax.set_xticklabels([f"{c}\n{d} bs{b}" for c, d, b in groups], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, filename), dpi=110)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_SHAPES)}, block size 16")
+    parser.add_argument("--smoke", action="store_true", help="tiny cases on the CPU under the Triton interpreter")
+    parser.add_argument("--backends", nargs="+", default=["triton", "flash_attn", "sdpa"])
+    parser.add_argument("--cases", nargs="+", default=None, help="case names (default: all)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))  # ignored by --smoke
+    parser.add_argument("--block-sizes", nargs="+", type=int, default=list(BLOCK_SIZES))
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--out", default="benchmarks/out")
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        device, shapes, runs = "cpu", SMOKE_SHAPES, 1
+        dtype_table = SMOKE_DTYPES
+    elif not torch.cuda.is_available():
+        print("benchmarks.attention needs a CUDA device (use --smoke for a CPU check of the script itself)")
+        return 2
+    else:
+        device, runs = "cuda", max(args.runs, 20)
+        shapes = {k: v for k, v in SHAPES.items() if not args.quick or k in QUICK_SHAPES}
+        dtype_table = {k: DTYPES[k] for k in args.dtypes}
+    if args.cases:
+        unknown = set(args.cases) - set(shapes)
+        if unknown:
+            parser.error(f"--cases: unknown {sorted(unknown)}; known: {sorted(shapes)}")
+        shapes = {k: shapes[k] for k in args.cases}
+    block_sizes = [16] if args.quick or args.smoke else args.block_sizes
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars are a convenience, not a requirement
+        def tqdm(iterable, **_):
+            return iterable
+
+    timer = Timer(device, warmup=3, runs=runs) if device == "cuda" else None
+    limits = device_limits(timer, device) if device == "cuda" else {}
+    env = environment()
+    work = [(n, d, b) for n in shapes for d in dtype_table for b in block_sizes]
+    results: list[Result] = []
+    for name, dtype_name, block_size in tqdm(work, desc="benchmarks", unit="case"):
+        kind, q_lens, kv_lens = shapes[name]
+        results += run_case(name, kind, q_lens, kv_lens, dtype_name, dtype_table[dtype_name], block_size,
+                            args.backends, device, timer, args.smoke)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    write_outputs(results, limits, env, args.out)
+    print(summary_markdown(results, limits, env))
+    return 1 if any(r.status in ("wrong", "error") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

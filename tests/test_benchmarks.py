@@ -1,0 +1,37 @@
+"""The benchmark script runs end to end on the CPU (--smoke) and refuses to time without CUDA."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "benchmarks.attention", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_without_cuda_it_says_so():
+    result = run("--quick")
+    assert result.returncode == 2
+    assert "needs a CUDA device" in result.stdout
+
+
+def test_smoke_run_checks_outputs_and_writes_results(tmp_path):
+    result = run("--smoke", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    statuses = {(r["case"], r["dtypes"], r["backend"]): r["status"] for r in data["results"]}
+    assert statuses[("smoke-decode", "fp16", "triton")] == "ok"
+    assert statuses[("smoke-decode", "fp16", "sdpa")] == "ok"
+    triton = next(r for r in data["results"] if r["backend"] == "triton" and r["status"] == "ok")
+    assert triton["max_abs_diff_vs_sdpa"] is not None and triton["max_abs_diff_vs_sdpa"] < 0.03
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "summary.md").exists()
