@@ -1,0 +1,683 @@
+"""The Triton backend against the float64 oracle, on CPU under TRITON_INTERPRET=1.
+
+Tiny shapes (head size 32-80, 4 heads, lengths up to 129) keep the whole file
+fast under the interpreter; tests/backends/test_triton_gpu.py runs realistic
+sizes and bfloat16 on a GPU.
+
+Tolerances come from the arithmetic, not from observed errors:
+- 16-bit paths: P is rounded to fp16 before the P @ V dot (relative error
+  <= 2^-11 per probability), and the per-token-head modes also round each
+  dequantized V element to fp16 (<= 2^-11). Each changes the weighted average
+  by at most 2^-11 * max|V|, so atol = 2^-10 * max|V| (both), and the output
+  cast adds rtol = 2^-11. Products and sums run in fp32 (~1e-7, ignored).
+- FP8 query: P is rounded to e4m3 (3 mantissa bits: up to 2^-4 relative per
+  probability), which no fixed tolerance against the exact softmax can both
+  admit and still catch bugs. Those tests compare with `emulate_fp8_q_kernel`,
+  a torch model of that arithmetic (same tiles, same running max, same
+  e4m3 rounding of 2^8 * P); the same model with the rounding turned off must
+  match the oracle, which ties the model to the oracle's semantics.
+- fp8 output: the e4m3 cast rounds to within 2^-4 relative (half an ulp), plus
+  half the smallest subnormal (2^-10) times output_scale.
+
+Interpreter bugs worked around (see ../shared/notes/triton-on-cpu.md):
+bfloat16 dots multiply raw bits (triton issue 11584), so bf16 runs only on the
+GPU; fp32 -> fp8e4nv casts mis-round inside kernels, so tests that cast to fp8
+in the kernel (P on the FP8-query path, fp8 output) use the
+`gpu_like_fp8_rounding` fixture, which sends that one conversion through
+torch's round-to-nearest-even saturated at +-448 as the GPU's
+cvt.rn.satfinite does. The kernel itself is unchanged. Two more interpreter
+conversions differ from the GPU and are harmless here: e4m3 NaN widens to 480
+(poisoned fp8 slots are never loaded, see test_poisoned_slots_are_never_read)
+and e5m2 subnormals widen to 0 (values below 2^-14 * k_scale: far below the
+tolerance).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dispatch.capabilities import DeviceInfo, reasons
+from dispatch.config import AttentionConfig, KVQuantMode
+from tests.cases import AttentionInputs, assert_close_to_oracle, make_inputs, output_as_real
+from tests.oracle import reference_attention
+
+import backends.triton as triton_backend
+
+launcher = pytest.importorskip("backends.triton.launcher")  # imports triton
+
+FP16_U = 2.0**-11  # unit roundoff of float16
+E4M3_HALF_ULP = 2.0**-4  # relative rounding error bound of e4m3 (3 mantissa bits)
+E4M3_MIN_SUBNORMAL = 2.0**-9
+LOG2E = 1.4426950408889634
+P_FP8_SCALE = 256.0  # the kernel's scale of P before its e4m3 cast (kernel.P_FP8_SCALE)
+
+# Sequences mixing decode (q_len 1), full prefill (q_len == kv_len) and chunked prefill.
+Q_LENS = [1, 15, 17, 4]
+KV_LENS = [16, 15, 40, 70]
+# Lengths around tile and page edges, decode and prefill in one batch.
+EDGE_Q_LENS = [1, 15, 16, 17, 1, 127, 3]
+EDGE_KV_LENS = [1, 15, 16, 129, 128, 127, 129]
+
+SLIDING_WINDOW = 8
+SOFT_CAP = 2.0
+
+FEATURES = {
+    "causal": dict(causal=True),
+    "non_causal": dict(causal=False),
+    "sliding_window": dict(sliding_window=SLIDING_WINDOW),
+    "sliding_window_non_causal": dict(causal=False, sliding_window=SLIDING_WINDOW),
+    "softcap": dict(logits_soft_cap=SOFT_CAP),
+    "alibi": dict(use_alibi=True),
+    "sinks": dict(use_sinks=True),
+    "all": dict(sliding_window=SLIDING_WINDOW, logits_soft_cap=SOFT_CAP, use_alibi=True, use_sinks=True),
+}
+
+# (id, q_dtype, kv_cache_dtype, kv_quant_mode) for the 16-bit-query paths.
+SIXTEEN_BIT_MODES = [
+    ("none-fp16", "float16", "float16", KVQuantMode.NONE),
+    ("fp8_per_tensor-e4m3-fp16", "float16", "float8_e4m3fn", KVQuantMode.FP8_PER_TENSOR),
+    ("fp8_per_tensor-e5m2-fp16", "float16", "float8_e5m2", KVQuantMode.FP8_PER_TENSOR),
+    ("fp8_per_token_head-e4m3-fp16", "float16", "float8_e4m3fn", KVQuantMode.FP8_PER_TOKEN_HEAD),
+    ("fp8_per_token_head-e5m2-fp16", "float16", "float8_e5m2", KVQuantMode.FP8_PER_TOKEN_HEAD),
+    ("int8_per_token_head-fp16", "float16", "int8", KVQuantMode.INT8_PER_TOKEN_HEAD),
+]
+
+BF16_SKIP = pytest.mark.skip(
+    reason="bfloat16 tl.dot is wrong under the Triton interpreter (triton issue 11584); bf16 is tested on the GPU"
+)
+
+
+def make_config(
+    *,
+    q_dtype="float16",
+    kv_cache_dtype="float16",
+    kv_quant_mode=KVQuantMode.NONE,
+    num_heads=4,
+    num_kv_heads=2,
+    head_size=32,
+    block_size=16,
+    **features,
+) -> AttentionConfig:
+    return AttentionConfig(
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        q_dtype=q_dtype,
+        kv_cache_dtype=kv_cache_dtype,
+        kv_quant_mode=kv_quant_mode,
+        block_size=block_size,
+        backend="triton",
+        **features,
+    )
+
+
+def run_triton(config: AttentionConfig, inputs: AttentionInputs, **launch) -> torch.Tensor:
+    """The kernel's output as float64 real values; `launch` goes to launcher.unified_attention."""
+    if launch:
+        out = launcher.unified_attention(*inputs.args, config=config, **launch, **inputs.kwargs)
+    else:
+        out = triton_backend.forward(*inputs.args, config=config, **inputs.kwargs)
+    assert out.dtype == config.out_torch_dtype
+    assert out.shape == inputs.q.shape
+    return output_as_real(out, config, inputs)
+
+
+def oracle(config: AttentionConfig, inputs: AttentionInputs) -> torch.Tensor:
+    return reference_attention(*inputs.args, **inputs.oracle_kwargs(config))
+
+
+def real_values(inputs: AttentionInputs) -> torch.Tensor:
+    """The dequantized value cache (float64; NaN where poisoned)."""
+    v = inputs.value_cache.to(torch.float64)
+    if "v_scale" in inputs.kwargs:
+        v = v * float(inputs.kwargs["v_scale"][0])
+    if "v_scale_cache" in inputs.kwargs:
+        v = v * inputs.kwargs["v_scale_cache"].to(torch.float64)[..., None]
+    return v
+
+
+def sixteen_bit_tolerance(inputs: AttentionInputs) -> dict:
+    """atol/rtol for a 16-bit (fp16) compute path, derived in the module docstring."""
+    v = real_values(inputs)
+    v_max = float(v[torch.isfinite(v)].abs().max())
+    return dict(atol=2 * FP16_U * v_max + 1e-6, rtol=FP16_U)
+
+
+def fp8_output_tolerance(config: AttentionConfig, inputs: AttentionInputs, atol: float, rtol: float) -> dict:
+    """Widen a tolerance by the e4m3 output cast's rounding."""
+    if not config.out_is_fp8:
+        return dict(atol=atol, rtol=rtol)
+    output_scale = float(inputs.kwargs["output_scale"][0])
+    return dict(atol=atol + E4M3_MIN_SUBNORMAL / 2 * output_scale, rtol=rtol + E4M3_HALF_ULP)
+
+
+@pytest.fixture
+def gpu_like_fp8_rounding(monkeypatch):
+    """Make the interpreter's fp32/fp16 -> e4m3 cast round like the GPU (test-only patch).
+
+    The interpreter's `_convert_float` drops the carry when rounding up to the
+    next power of two (1.97 -> 1.0); the GPU's cvt.rn.satfinite rounds to
+    nearest even and saturates at +-448. Only that one conversion is replaced.
+    """
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+    numpy_float = {tl.float32: np.float32, tl.float16: np.float16}
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        if output_dtype == tl.float8e4nv and input_dtype in numpy_float:
+            values = torch.from_numpy(np.ascontiguousarray(input).view(numpy_float[input_dtype]).astype(np.float32))
+            fp8 = values.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            return fp8.view(torch.uint8).numpy().reshape(input.shape)
+        return original(input, input_dtype, output_dtype, rounding_mode)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
+
+
+# ---------------------------------------------------------------------------------------------
+# A torch model of the FP8-query path's arithmetic
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Emulation:
+    out: torch.Tensor  # float64 [T, H, D]
+    # Per element, how far the output could move if the kernel rounded a probability that sits
+    # within fp32 noise of an e4m3 rounding midpoint the other way (usually all zeros).
+    ambiguity: torch.Tensor
+
+
+def emulate_fp8_q_kernel(
+    config: AttentionConfig,
+    inputs: AttentionInputs,
+    *,
+    block_q: int,
+    tile_n: int,
+    num_kv_splits: int = 1,
+    round_p: bool = True,
+) -> Emulation:
+    """The FP8-query kernel's arithmetic in torch: scores in fp32 from the stored fp8 values, the
+    online softmax's running max per TILE_N tile (restarting per KV split), and each probability
+    stored as e4m3(2^8 * exp2(s - m_running)) / 2^8, exactly as kernel.py documents.
+
+    Written from the kernel's documented algorithm, not from its code; with round_p=False it is
+    plain softmax attention and must agree with the oracle.
+    """
+    kw = inputs.kwargs
+    f32 = torch.float32
+    q = inputs.q.to(f32)
+    key_cache = inputs.key_cache.to(f32)
+    values_real = inputs.value_cache.to(torch.float64) * float(kw["v_scale"][0])
+    score_scale = torch.tensor(config.scale, dtype=f32) * kw["q_scale"][0] * kw["k_scale"][0]
+    log2e = torch.tensor(LOG2E, dtype=f32)
+    cu = [int(x) for x in inputs.cu_seqlens_q]
+    lens = [int(x) for x in inputs.seq_lens]
+    num_tokens, num_heads, head_size = q.shape
+    group = config.num_queries_per_kv
+    out = torch.zeros(num_tokens, num_heads, head_size, dtype=torch.float64)
+    ambiguity = torch.zeros_like(out)
+    window = config.sliding_window
+
+    for seq, kv_len in enumerate(lens):
+        q_start, q_len = cu[seq], cu[seq + 1] - cu[seq]
+        if q_len == 0:
+            continue
+        j = torch.arange(kv_len)
+        pages = inputs.block_table[seq, j // config.block_size].long()
+        slots = j % config.block_size
+        keys, values = key_cache[pages, slots], values_real[pages, slots]  # [kv_len, H_kv, D]
+        for head in range(num_heads):
+            raw = q[q_start : q_start + q_len, head] @ keys[:, head // group].T  # fp32 [q_len, kv_len]
+            if config.logits_soft_cap is not None:
+                x = raw * score_scale
+                e = torch.exp(-2.0 * (x / config.logits_soft_cap).abs())
+                t = (1.0 - e) / (1.0 + e)
+                s = config.logits_soft_cap * torch.where(x < 0, -t, t) * log2e
+            else:
+                s = raw * (score_scale * log2e)
+            sink = kw["sinks"][head].to(f32) * log2e if config.use_sinks else None
+            for i in range(q_len):
+                pos = kv_len - q_len + i
+                row = s[i].clone()
+                if config.use_alibi:
+                    row = row + (kw["alibi_slopes"][head] * log2e) * (j - pos).to(f32)
+                visible = torch.ones(kv_len, dtype=torch.bool)
+                if config.causal:
+                    visible &= j <= pos
+                if window is not None:
+                    visible &= pos - j < window
+                # Which KV split each key falls in: the kernel splits its query tile's tile range.
+                first_pos = kv_len - q_len + (i // block_q) * block_q
+                kv_end = min(first_pos + block_q, kv_len) if config.causal else kv_len
+                kv_begin = max(first_pos - window + 1, 0) if window is not None else 0
+                tile_begin, tile_end = kv_begin // tile_n, -(-kv_end // tile_n)
+                tiles_per_split = -(-(tile_end - tile_begin) // num_kv_splits)
+                tile = j // tile_n
+                split = (tile - tile_begin) // tiles_per_split
+                # Running max at each key's tile, within its split.
+                running_max = torch.full((kv_len,), float("-inf"), dtype=f32)
+                for seg in split[visible].unique().tolist():
+                    m = sink if (sink is not None and num_kv_splits == 1) else torch.tensor(float("-inf"))
+                    for t in tile[visible & (split == seg)].unique().tolist():
+                        in_tile = visible & (tile == t)
+                        m = torch.maximum(m, row[in_tile].max())
+                        running_max[in_tile] = m
+                row_max = row[visible].max()
+                if sink is not None:
+                    row_max = torch.maximum(row_max, sink)
+                p = torch.exp2(row[visible] - running_max[visible]) * P_FP8_SCALE  # fp32, as in the kernel
+                p_stored = p.to(torch.float8_e4m3fn).to(f32) if round_p else p
+                rescale = torch.exp2((running_max[visible] - row_max).double()) / P_FP8_SCALE
+                weights = p_stored.double() * rescale
+                denominator = weights.sum()
+                if sink is not None:
+                    denominator = denominator + torch.exp2((sink - row_max).double())
+                v = values[visible, head // group]
+                o = (weights[:, None] * v).sum(0) / denominator
+                out[q_start + i, head] = o
+                if round_p:
+                    up = (p * (1 + 2.0**-16)).to(torch.float8_e4m3fn).double()
+                    down = (p * (1 - 2.0**-16)).to(torch.float8_e4m3fn).double()
+                    spread = (up - down).abs() * rescale
+                    ambiguity[q_start + i, head] = (spread[:, None] * (v - o).abs()).sum(0) / denominator
+    return Emulation(out=out, ambiguity=ambiguity)
+
+
+def assert_matches_emulation(out: torch.Tensor, emulation: Emulation, config, inputs, label: str) -> None:
+    """|out - model| <= atol + rtol * |model| + ambiguity, the worst element reported.
+
+    fp32 tolerance (1e-4): the model reproduces the path's only coarse rounding, P in e4m3;
+    what is left is fp32 arithmetic (observed ~2e-7). `ambiguity` admits a probability that
+    sits within fp32 noise of an e4m3 rounding midpoint being rounded the other way.
+    """
+    tol = fp8_output_tolerance(config, inputs, atol=1e-4, rtol=1e-4)
+    if not torch.isfinite(out).all():
+        raise AssertionError(f"{label}: non-finite output")
+    excess = (out - emulation.out).abs() - (tol["atol"] + tol["rtol"] * emulation.out.abs() + emulation.ambiguity)
+    worst = int(excess.argmax())
+    if excess.reshape(-1)[worst] > 0:
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), out.shape))
+        raise AssertionError(
+            f"{label}: worst element {idx}: out={float(out[idx]):.6g} model={float(emulation.out[idx]):.6g} "
+            f"allowed {tol} + ambiguity {float(emulation.ambiguity[idx]):.3g}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Capability and module structure
+# ---------------------------------------------------------------------------------------------
+
+
+def test_import_does_not_import_triton():
+    code = "import sys, backends.triton as b; b.CAPABILITY; print('triton' in sys.modules)"
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_launch_path_never_reads_device_values():
+    # CUDA-graph safety: sizes come from shapes, scales are read by the kernel.
+    source = "".join((Path(launcher.__file__).parent / name).read_text() for name in ("launcher.py", "__init__.py"))
+    for forbidden in (".item(", ".cpu(", ".tolist(", "bool(", ".numpy("):
+        assert forbidden not in source, forbidden
+
+
+def test_capability_cpu_needs_interpreter():
+    config = make_config()
+    plain_cpu = DeviceInfo(type="cpu", triton_interpret=False)
+    interpreted_cpu = DeviceInfo(type="cpu", triton_interpret=True)
+    assert reasons(triton_backend.CAPABILITY, config, interpreted_cpu) == []
+    assert "device='cpu' needs TRITON_INTERPRET=1 (Triton runs on CPU only through its interpreter)" in reasons(
+        triton_backend.CAPABILITY, config, plain_cpu
+    )
+
+
+def test_capability_refuses_what_the_interpreter_computes_wrongly():
+    """bf16 and in-kernel fp8 casts are wrong under the interpreter: refused on CPU, allowed on GPU.
+
+    (This file still runs the FP8-query and fp8-output paths on CPU by calling the backend
+    directly with the `gpu_like_fp8_rounding` patch.)"""
+    cap = triton_backend.CAPABILITY
+    cpu = DeviceInfo(type="cpu", triton_interpret=True)
+    hopper = DeviceInfo(type="cuda", index=0, name="H100", compute_capability=(9, 0))
+    bf16 = make_config(q_dtype="bfloat16", kv_cache_dtype="int8", kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD)
+    fp8_q = make_config(
+        q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn", kv_quant_mode=KVQuantMode.FP8_PER_TENSOR
+    )
+    fp8_out = make_config(out_dtype="float8_e4m3fn")
+    assert reasons(cap, bf16, cpu) == [
+        "q_dtype=bfloat16, out_dtype=bfloat16 not supported on device='cpu': under the Triton interpreter bfloat16 "
+        "dots multiply raw bit patterns (triton issue 11584) and fp32->bfloat16 casts truncate"
+    ]
+    assert len(reasons(cap, fp8_q, cpu)) == 2  # the query, and its default bfloat16 output
+    assert any(r.startswith("q_dtype=float8_e4m3fn not supported on device='cpu'") for r in reasons(cap, fp8_q, cpu))
+    assert [r[:50] for r in reasons(cap, fp8_out, cpu)] == ["out_dtype=float8_e4m3fn not supported on device='c"]
+    for config in (bf16, fp8_q, fp8_out):
+        assert reasons(cap, config, hopper) == []
+
+
+def test_capability_compute_capability_and_sizes():
+    cap = triton_backend.CAPABILITY
+    ampere = DeviceInfo(type="cuda", index=0, name="A100", compute_capability=(8, 0))
+    hopper = DeviceInfo(type="cuda", index=0, name="H100", compute_capability=(9, 0))
+    turing = DeviceInfo(type="cuda", index=0, name="T4", compute_capability=(7, 5))
+    fp8 = make_config(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn", kv_quant_mode=KVQuantMode.FP8_PER_TENSOR)
+    assert reasons(cap, make_config(), ampere) == []
+    assert reasons(cap, fp8, hopper) == []
+    assert any("compute capability 8.0 < 8.9" in r for r in reasons(cap, fp8, ampere))
+    assert any("compute capability 7.5 < 8.0" in r for r in reasons(cap, make_config(), turing))
+    assert any("head_size=264" in r for r in reasons(cap, make_config(head_size=264), hopper))
+    assert any("block_size=8" in r for r in reasons(cap, make_config(block_size=8), hopper))
+    for mode in KVQuantMode:
+        assert mode in cap.kv_quant_modes
+
+
+def test_through_dispatch_attention():
+    """The dispatcher runs this backend when named, and picks it first for a 16-bit config on CPU."""
+    import dispatch
+
+    config = make_config(kv_cache_dtype="int8", kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD, use_sinks=True)
+    inputs = make_inputs(config, Q_LENS, KV_LENS)
+    out = output_as_real(dispatch.attention(*inputs.args, config=config, **inputs.kwargs), config, inputs)
+    assert_close_to_oracle(out, oracle(config, inputs), **sixteen_bit_tolerance(inputs))
+    assert dispatch.select(config.model_copy(update={"backend": "auto"}), device="cpu").name == "triton"
+
+
+def test_split_heuristic(monkeypatch):
+    monkeypatch.setattr(launcher, "_multiprocessor_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    # 8 decode sequences x 8 KV heads = 64 programs < 2 x 132: split, ceil(264 / 64) = 5.
+    assert launcher.choose_num_kv_splits(8, 8, 8, 8192, cuda) == 5
+    # One decode sequence: capped at MAX_KV_SPLITS.
+    assert launcher.choose_num_kv_splits(1, 1, 8, 65536, cuda) == launcher.MAX_KV_SPLITS
+    # Capped by the block table's bound on kv_len: 1024 keys / 256 per split.
+    assert launcher.choose_num_kv_splits(1, 1, 8, 1024, cuda) == 4
+    # Short contexts, prefill-shaped launches, full GPUs and the CPU: no split.
+    assert launcher.choose_num_kv_splits(1, 1, 8, 255, cuda) == 1
+    assert launcher.choose_num_kv_splits(4096, 2, 8, 8192, cuda) == 1
+    assert launcher.choose_num_kv_splits(64, 64, 8, 8192, cuda) == 1
+    assert launcher.choose_num_kv_splits(1, 1, 8, 8192, torch.device("cpu")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit query: every KV-cache mode x every feature
+# ---------------------------------------------------------------------------------------------
+
+
+def _mode_feature_params():
+    for mode_id, q_dtype, kv_dtype, mode in SIXTEEN_BIT_MODES:
+        for feature_id, features in FEATURES.items():
+            yield pytest.param(q_dtype, kv_dtype, mode, features, id=f"{mode_id}-h32-bs16-{feature_id}")
+    for mode_id, kv_dtype, mode in [
+        ("none-bf16", "bfloat16", KVQuantMode.NONE),
+        ("fp8_per_tensor-e4m3-bf16", "float8_e4m3fn", KVQuantMode.FP8_PER_TENSOR),
+        ("int8_per_token_head-bf16", "int8", KVQuantMode.INT8_PER_TOKEN_HEAD),
+    ]:
+        yield pytest.param("bfloat16", kv_dtype, mode, {}, id=f"{mode_id}-h32-bs16-causal", marks=BF16_SKIP)
+
+
+@pytest.mark.parametrize("q_dtype, kv_cache_dtype, kv_quant_mode, features", _mode_feature_params())
+def test_sixteen_bit_query_matches_oracle(q_dtype, kv_cache_dtype, kv_quant_mode, features):
+    config = make_config(q_dtype=q_dtype, kv_cache_dtype=kv_cache_dtype, kv_quant_mode=kv_quant_mode, **features)
+    inputs = make_inputs(config, Q_LENS, KV_LENS)
+    assert_close_to_oracle(run_triton(config, inputs), oracle(config, inputs), **sixteen_bit_tolerance(inputs))
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 4], ids=["gqa4to1", "mha1to1"])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_edge_lengths(num_kv_heads, block_size):
+    """Lengths 1/15/16/17/127/128/129 around page and tile edges, decode + prefill in one batch."""
+    config = make_config(num_kv_heads=num_kv_heads, block_size=block_size)
+    inputs = make_inputs(config, EDGE_Q_LENS, EDGE_KV_LENS, seed=block_size)
+    assert_close_to_oracle(run_triton(config, inputs), oracle(config, inputs), **sixteen_bit_tolerance(inputs))
+
+
+@pytest.mark.parametrize(
+    "kv_quant_mode, kv_cache_dtype",
+    [(KVQuantMode.NONE, "float16"), (KVQuantMode.FP8_PER_TOKEN_HEAD, "float8_e4m3fn")],
+    ids=["none-fp16", "fp8_per_token_head-e4m3-fp16"],
+)
+@pytest.mark.parametrize(
+    "tiles",
+    [launcher.Tiles(block_m=16, tile_n=16), launcher.Tiles(block_m=32, tile_n=32)],
+    ids=["m16n16", "m32n32"],
+)
+def test_small_tiles_many_programs(kv_quant_mode, kv_cache_dtype, tiles):
+    """Many query tiles per sequence (binary search over tile starts) and tiles smaller than a page."""
+    config = make_config(kv_quant_mode=kv_quant_mode, kv_cache_dtype=kv_cache_dtype, block_size=64, sliding_window=40)
+    inputs = make_inputs(config, [1, 0, 47, 3, 129], [1, 20, 90, 33, 129])  # one sequence with no new query
+    out = run_triton(config, inputs, tiles=tiles)
+    assert_close_to_oracle(out, oracle(config, inputs), **sixteen_bit_tolerance(inputs))
+
+
+@pytest.mark.parametrize(
+    "head_size, kv_quant_mode, kv_cache_dtype",
+    [
+        (80, KVQuantMode.NONE, "float16"),
+        (80, KVQuantMode.INT8_PER_TOKEN_HEAD, "int8"),
+        (8, KVQuantMode.FP8_PER_TENSOR, "float8_e5m2"),
+        (64, KVQuantMode.FP8_PER_TENSOR, "float8_e4m3fn"),
+    ],
+    ids=["none-fp16-h80-bs16", "int8_per_token_head-fp16-h80-bs16", "fp8_per_tensor-e5m2-fp16-h8-bs16",
+         "fp8_per_tensor-e4m3-fp16-h64-bs16"],
+)
+def test_head_sizes(head_size, kv_quant_mode, kv_cache_dtype):
+    config = make_config(head_size=head_size, kv_quant_mode=kv_quant_mode, kv_cache_dtype=kv_cache_dtype)
+    inputs = make_inputs(config, Q_LENS, KV_LENS)
+    assert_close_to_oracle(run_triton(config, inputs), oracle(config, inputs), **sixteen_bit_tolerance(inputs))
+
+
+def test_group_not_a_power_of_two_and_block_size_48():
+    """3 query heads per KV head: BLOCK_M rows beyond 3 * BLOCK_Q stay unused."""
+    config = make_config(num_heads=6, num_kv_heads=2, block_size=48, use_alibi=True)
+    inputs = make_inputs(config, Q_LENS, KV_LENS)
+    assert_close_to_oracle(run_triton(config, inputs), oracle(config, inputs), **sixteen_bit_tolerance(inputs))
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+def test_out_dtype_and_preallocated_out(out_dtype):
+    config = make_config(kv_cache_dtype="float8_e4m3fn", kv_quant_mode=KVQuantMode.FP8_PER_TENSOR, out_dtype=out_dtype)
+    inputs = make_inputs(config, Q_LENS, KV_LENS)
+    out = torch.full(inputs.q.shape, float("nan"), dtype=config.out_torch_dtype)
+    returned = triton_backend.forward(*inputs.args, config=config, out=out, **inputs.kwargs)
+    assert returned is out
+    assert_close_to_oracle(output_as_real(out, config, inputs), oracle(config, inputs), **sixteen_bit_tolerance(inputs))
+
+
+def test_poisoned_slots_are_never_read():
+    """make_inputs fills every slot no sequence owns with NaN; one read would show as NaN."""
+    config = make_config(block_size=32)
+    inputs = make_inputs(config, EDGE_Q_LENS, EDGE_KV_LENS)
+    assert torch.isnan(inputs.key_cache).any() and torch.isnan(inputs.value_cache).any()
+    for num_kv_splits in (1, 4):
+        out = run_triton(config, inputs, num_kv_splits=num_kv_splits)
+        assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-KV path, forced on
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("gpu_like_fp8_rounding")
+@pytest.mark.parametrize("num_kv_splits", [3, 8])
+@pytest.mark.parametrize(
+    "kv_cache_dtype, kv_quant_mode, features",
+    [
+        pytest.param("float16", KVQuantMode.NONE, dict(use_sinks=True), id="none-fp16-sinks"),
+        pytest.param(
+            "float8_e4m3fn",
+            KVQuantMode.FP8_PER_TENSOR,
+            dict(use_sinks=True, out_dtype="float8_e4m3fn"),
+            id="fp8_per_tensor-e4m3-fp16-sinks-fp8out",
+        ),
+        pytest.param(
+            "int8",
+            KVQuantMode.INT8_PER_TOKEN_HEAD,
+            dict(sliding_window=SLIDING_WINDOW),
+            id="int8_per_token_head-fp16-window",
+        ),
+        pytest.param(
+            "float8_e5m2",
+            KVQuantMode.FP8_PER_TOKEN_HEAD,
+            dict(logits_soft_cap=SOFT_CAP, use_alibi=True),
+            id="fp8_per_token_head-e5m2-fp16-softcap-alibi",
+        ),
+    ],
+)
+@pytest.mark.parametrize("batch", ["decode", "mixed"])
+def test_split_kv_forced(num_kv_splits, kv_cache_dtype, kv_quant_mode, features, batch):
+    config = make_config(kv_cache_dtype=kv_cache_dtype, kv_quant_mode=kv_quant_mode, **features)
+    q_lens, kv_lens = ([1, 1, 1, 1], [1, 17, 70, 129]) if batch == "decode" else (Q_LENS, KV_LENS)
+    inputs = make_inputs(config, q_lens, kv_lens)
+    out = run_triton(config, inputs, num_kv_splits=num_kv_splits)
+    tol = sixteen_bit_tolerance(inputs)
+    assert_close_to_oracle(out, oracle(config, inputs), **fp8_output_tolerance(config, inputs, **tol))
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 query (both dots in e4m3), the vLLM PR #42080 case
+# ---------------------------------------------------------------------------------------------
+
+
+def fp8_q_config(out_dtype="float32", **kw) -> AttentionConfig:
+    # float32 output: the interpreter truncates fp32 -> bf16 (the default for an fp8 query);
+    # bf16 output is checked on the GPU.
+    return make_config(
+        q_dtype="float8_e4m3fn",
+        kv_cache_dtype="float8_e4m3fn",
+        kv_quant_mode=KVQuantMode.FP8_PER_TENSOR,
+        out_dtype=out_dtype,
+        **kw,
+    )
+
+
+def check_fp8_q(config: AttentionConfig, inputs: AttentionInputs, tiles, num_kv_splits: int, label: str):
+    out = run_triton(config, inputs, tiles=tiles, num_kv_splits=num_kv_splits)
+    block_q = tiles.block_m // config.num_queries_per_kv
+    emulation = emulate_fp8_q_kernel(config, inputs, block_q=block_q, tile_n=tiles.tile_n, num_kv_splits=num_kv_splits)
+    assert_matches_emulation(out, emulation, config, inputs, label)
+    # The model without P rounding is the oracle's softmax (fp32 scores: ~1e-6).
+    exact = emulate_fp8_q_kernel(
+        config, inputs, block_q=block_q, tile_n=tiles.tile_n, num_kv_splits=num_kv_splits, round_p=False
+    )
+    assert_close_to_oracle(exact.out, oracle(config, inputs), atol=2e-5, rtol=2e-5, label=f"{label} (model)")
+
+
+FP8_TILES = launcher.Tiles(block_m=32, tile_n=32)
+
+
+@pytest.mark.usefixtures("gpu_like_fp8_rounding")
+@pytest.mark.parametrize(
+    "features", list(FEATURES.values()), ids=[f"fp8_per_tensor-fp8q-h32-bs16-{f}" for f in FEATURES]
+)
+def test_fp8_query_features(features):
+    config = fp8_q_config(**features)
+    inputs = make_inputs(config, Q_LENS, KV_LENS)
+    check_fp8_q(config, inputs, FP8_TILES, 1, "fp8 q")
+
+
+@pytest.mark.usefixtures("gpu_like_fp8_rounding")
+def test_pr42080_fp8_query_with_scales_default_launch():
+    """e4m3 Q and KV quantized as (x / scale).to(fp8), q_scale=0.75, k_scale=0.5, v_scale=0.25,
+    through forward() with the launcher's own tiles."""
+    config = fp8_q_config(head_size=64, num_kv_heads=1)
+    inputs = make_inputs(config, EDGE_Q_LENS, EDGE_KV_LENS, q_scale=0.75, k_scale=0.5, v_scale=0.25)
+    tiles = default_tiles(config, inputs)
+    out = run_triton(config, inputs)
+    emulation = emulate_fp8_q_kernel(config, inputs, block_q=tiles.block_m // 4, tile_n=tiles.tile_n)
+    assert_matches_emulation(out, emulation, config, inputs, "pr42080")
+
+
+@pytest.mark.usefixtures("gpu_like_fp8_rounding")
+@pytest.mark.parametrize(
+    "head_size, num_kv_heads, num_kv_splits, out_dtype, features",
+    [
+        (32, 2, 3, "float32", dict(use_sinks=True)),
+        (32, 4, 3, "float8_e4m3fn", dict(use_alibi=True, sliding_window=SLIDING_WINDOW)),
+        (80, 1, 1, "float16", {}),
+        (80, 1, 5, "float32", dict(logits_soft_cap=SOFT_CAP)),
+    ],
+    ids=[
+        "fp8_per_tensor-fp8q-h32-bs16-split3-sinks",
+        "fp8_per_tensor-fp8q-h32-bs16-split3-fp8out-alibi-window",
+        "fp8_per_tensor-fp8q-h80-bs16-fp16out",
+        "fp8_per_tensor-fp8q-h80-bs16-split5-softcap",
+    ],
+)
+def test_fp8_query_split_head_size_and_outputs(head_size, num_kv_heads, num_kv_splits, out_dtype, features):
+    config = fp8_q_config(out_dtype=out_dtype, head_size=head_size, num_kv_heads=num_kv_heads, **features)
+    inputs = make_inputs(config, [1, 1, 17, 1], [1, 40, 70, 129])
+    if out_dtype == "float16":
+        out = run_triton(config, inputs, tiles=FP8_TILES, num_kv_splits=num_kv_splits)
+        block_q = FP8_TILES.block_m // config.num_queries_per_kv
+        emulation = emulate_fp8_q_kernel(config, inputs, block_q=block_q, tile_n=FP8_TILES.tile_n, num_kv_splits=1)
+        # fp16 output adds its cast's rounding to the fp32 comparison.
+        assert_close_to_oracle(out, emulation.out, atol=1e-4, rtol=1e-4 + FP16_U, label="fp16 out")
+    else:
+        check_fp8_q(config, inputs, FP8_TILES, num_kv_splits, "fp8 q")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every scale is applied: right scales match, any one replaced by 1.0 does not
+# ---------------------------------------------------------------------------------------------
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.mark.usefixtures("gpu_like_fp8_rounding")
+@pytest.mark.parametrize(
+    "q_dtype, kv_cache_dtype, kv_quant_mode, out_dtype, scale_names",
+    [
+        ("float8_e4m3fn", "float8_e4m3fn", KVQuantMode.FP8_PER_TENSOR, "float32", ["q_scale", "k_scale", "v_scale"]),
+        ("float8_e4m3fn", "float8_e4m3fn", KVQuantMode.FP8_PER_TENSOR, "float8_e4m3fn", ["output_scale"]),
+        ("float16", "float8_e4m3fn", KVQuantMode.FP8_PER_TENSOR, "float16", ["k_scale", "v_scale"]),
+        ("float16", "float8_e5m2", KVQuantMode.FP8_PER_TOKEN_HEAD, "float16", ["k_scale_cache", "v_scale_cache"]),
+        ("float16", "int8", KVQuantMode.INT8_PER_TOKEN_HEAD, "float16", ["k_scale_cache", "v_scale_cache"]),
+    ],
+    ids=["fp8_per_tensor-fp8q", "fp8_per_tensor-fp8q-fp8out", "fp8_per_tensor-e4m3-fp16",
+         "fp8_per_token_head-e5m2-fp16", "int8_per_token_head-fp16"],
+)
+@pytest.mark.parametrize("num_kv_splits", [1, 2], ids=["single_pass", "split2"])
+def test_each_scale_is_applied(q_dtype, kv_cache_dtype, kv_quant_mode, out_dtype, scale_names, num_kv_splits):
+    config = make_config(
+        q_dtype=q_dtype, kv_cache_dtype=kv_cache_dtype, kv_quant_mode=kv_quant_mode, out_dtype=out_dtype
+    )
+    inputs = make_inputs(config, Q_LENS, KV_LENS)
+    if config.q_is_fp8:
+        # The FP8-query path rounds P to e4m3 (a few percent): measure against the model of that
+        # rounding, so a missing scale stands out by orders of magnitude, not by a small factor.
+        tiles = default_tiles(config, inputs)
+        block_q = tiles.block_m // config.num_queries_per_kv
+        emulation = emulate_fp8_q_kernel(
+            config, inputs, block_q=block_q, tile_n=tiles.tile_n, num_kv_splits=num_kv_splits
+        )
+        ref = emulation.out
+    else:
+        ref = oracle(config, inputs)
+    right = run_triton(config, inputs, num_kv_splits=num_kv_splits)
+    # With the right scales: rounding only (fp8 output: <= 2^-4 relative; fp16 paths: ~1e-3).
+    right_error = relative_error(right, ref)
+    assert right_error < (E4M3_HALF_ULP if config.out_is_fp8 else 2e-3), right_error
+    for name in scale_names:
+        wrong_kwargs = dict(inputs.kwargs, **{name: torch.ones_like(inputs.kwargs[name])})
+        out = launcher.unified_attention(*inputs.args, config=config, num_kv_splits=num_kv_splits, **wrong_kwargs)
+        # Read the output with the right output_scale, as the caller would.
+        wrong_error = relative_error(output_as_real(out, config, inputs), ref)
+        assert wrong_error > 0.1 and wrong_error > 10 * right_error, (name, wrong_error, right_error)
+
+
+def default_tiles(config: AttentionConfig, inputs: AttentionInputs):
+    """The tiles the launcher picks by itself for these inputs."""
+    decode_shaped = launcher.is_decode_shaped(inputs.q.shape[0], inputs.seq_lens.shape[0])
+    return launcher.choose_tiles(config.head_size, config.num_queries_per_kv, config.q_is_fp8, decode_shaped)
