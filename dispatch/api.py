@@ -2,12 +2,15 @@
 
 Every check reads only tensor metadata (shape, dtype, device, strides); none
 reads a value back from the GPU, so the call stays capturable in a CUDA graph.
-Value checks (lengths, page ids in range) would need a sync and are not made
-here.
+Checks of the values themselves (lengths consistent, page ids in range) need
+the values on the host: they run only in debug mode, with ``validate=True`` or
+the environment variable DISPATCH_DEBUG=1 (read once, at import).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from typing import Optional
 
@@ -21,6 +24,8 @@ from dispatch.selector import Plan, select
 
 __all__ = ["attention"]
 
+DEBUG = os.environ.get("DISPATCH_DEBUG", "0") not in ("", "0")
+
 _plans: dict[tuple[AttentionConfig, torch.device, Override], Plan] = {}
 _plans_lock = threading.Lock()
 
@@ -28,6 +33,7 @@ _plans_lock = threading.Lock()
 def _clear_plans() -> None:
     with _plans_lock:
         _plans.clear()
+        _specs.clear()
 
 
 registry.on_change(_clear_plans)
@@ -43,6 +49,100 @@ def _plan_for(config: AttentionConfig, device: torch.device) -> Plan:
         with _plans_lock:
             _plans[key] = plan
     return plan
+
+
+class _CallSpec:
+    """What a valid call with one config looks like, precomputed: the hot path's checks.
+
+    `matches()` is a fast, conservative predicate over tensor metadata. When it says
+    no, `check_inputs()` runs and names the problem (or finds none: `matches()` is
+    stricter, e.g. it wants whole tensors contiguous where only the last dimension
+    must be). Plans are cached here too, per (device, override).
+    """
+
+    __slots__ = ("config", "q_dtype", "cache_dtype", "out_dtype", "q_tail", "cache_tail", "needed", "scale_shape",
+                 "heads", "plans")
+
+    def __init__(self, config: AttentionConfig):
+        mode = config.kv_quant_mode
+        self.config = config
+        self.q_dtype, self.cache_dtype, self.out_dtype = (config.q_torch_dtype, config.kv_cache_torch_dtype,
+                                                          config.out_torch_dtype)
+        self.q_tail = (config.num_heads, config.head_size)
+        self.cache_tail = (config.block_size, config.num_kv_heads, config.head_size)
+        self.scale_shape = (config.block_size, config.num_kv_heads)
+        self.heads = config.num_heads
+        # which of q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale
+        self.needed = (config.q_is_fp8, mode is KVQuantMode.FP8_PER_TENSOR, mode is KVQuantMode.FP8_PER_TENSOR,
+                       mode.is_per_token_head, mode.is_per_token_head, config.use_alibi, config.use_sinks,
+                       config.out_is_fp8)
+        self.plans: dict = {}
+
+    def matches(self, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, scales, out) -> bool:
+        try:
+            device = q.device
+            if (q.dtype is not self.q_dtype or q.dim() != 3 or q.shape[1:] != self.q_tail or not q.is_contiguous()
+                    or key_cache.dtype is not self.cache_dtype or key_cache.dim() != 4
+                    or key_cache.shape[1:] != self.cache_tail or key_cache.device != device
+                    or not key_cache.is_contiguous() or value_cache.dtype is not self.cache_dtype
+                    or value_cache.shape != key_cache.shape or value_cache.device != device
+                    or not value_cache.is_contiguous()):
+                return False
+            num_seqs = seq_lens.shape[0]
+            if (seq_lens.dtype is not torch.int32 or seq_lens.dim() != 1 or seq_lens.device != device
+                    or cu_seqlens_q.dtype is not torch.int32 or cu_seqlens_q.shape[0] != num_seqs + 1
+                    or cu_seqlens_q.dim() != 1 or cu_seqlens_q.device != device or not cu_seqlens_q.is_contiguous()
+                    or not seq_lens.is_contiguous() or block_table.dtype is not torch.int32 or block_table.dim() != 2
+                    or block_table.shape[0] != num_seqs or block_table.shape[1] == 0
+                    or block_table.device != device or not block_table.is_contiguous()):
+                return False
+            needed = self.needed
+            for index, scale in enumerate(scales):
+                if (scale is not None) != needed[index]:
+                    return False
+                if scale is None:
+                    continue
+                if scale.dtype is not torch.float32 or scale.device != device:
+                    return False
+                if index in (3, 4):  # per-token-head scale caches
+                    if (scale.shape[0] != key_cache.shape[0] or scale.shape[1:] != self.scale_shape
+                            or scale.dim() != 3 or not scale.is_contiguous()):
+                        return False
+                elif index in (5, 6):  # alibi slopes, sinks
+                    if scale.dim() != 1 or scale.shape[0] != self.heads:
+                        return False
+                elif scale.numel() != 1:
+                    return False
+            if out is not None:
+                if (out.dtype is not self.out_dtype or out.shape != q.shape or out.device != device
+                        or not out.is_contiguous()):
+                    return False
+                start = out.data_ptr()
+                end = start + out.numel() * out.element_size()
+                for t in (q, key_cache, value_cache):  # all contiguous by now: [ptr, ptr + nbytes)
+                    t_start = t.data_ptr()
+                    if start < t_start + t.numel() * t.element_size() and t_start < end:
+                        return False
+            return True
+        except (AttributeError, TypeError, IndexError):  # not a tensor where one was expected
+            return False
+
+
+_specs: dict[int, _CallSpec] = {}
+_MAX_SPECS = 4096  # configs are few in practice; the bound keeps a pathological caller from growing this forever
+
+
+def _spec_for(config: AttentionConfig) -> _CallSpec:
+    # Keyed by identity (hashing a pydantic model costs more than the whole fast path);
+    # the spec holds the config, so its id cannot be reused while the entry lives.
+    spec = _specs.get(id(config))
+    if spec is None or spec.config is not config:
+        spec = _CallSpec(config)
+        with _plans_lock:
+            if len(_specs) >= _MAX_SPECS:
+                _specs.clear()
+            _specs[id(config)] = spec
+    return spec
 
 
 def _describe(t) -> str:
@@ -180,6 +280,36 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def check_values(config: AttentionConfig, q, key_cache, cu_seqlens_q, seq_lens, block_table) -> None:
+    """Debug-mode checks that read the index tensors on the host (a sync on GPU)."""
+    starts = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    table = block_table.cpu()
+    if starts[0] != 0:
+        raise InputError(f"cu_seqlens_q: expected cu_seqlens_q[0] == 0, got {starts[0]}")
+    if starts[-1] != q.shape[0]:
+        raise InputError(f"cu_seqlens_q: expected cu_seqlens_q[-1] == num_tokens={q.shape[0]}, got {starts[-1]}")
+    num_blocks = key_cache.shape[0]
+    for seq, kv_len in enumerate(lens):
+        q_len = starts[seq + 1] - starts[seq]
+        if q_len < 0:
+            raise InputError(f"cu_seqlens_q: expected non-decreasing offsets, got {starts[seq]} then "
+                             f"{starts[seq + 1]} at sequence {seq}")
+        if kv_len < q_len:
+            raise InputError(f"seq_lens: sequence {seq} has kv_len={kv_len} < its q_len={q_len}; seq_lens counts "
+                             "context + new tokens, so it is at least the number of query tokens")
+        pages = math.ceil(kv_len / config.block_size)
+        if pages > table.shape[1]:
+            raise InputError(f"block_table: sequence {seq} needs {pages} pages for kv_len={kv_len}, but the table "
+                             f"has {table.shape[1]} columns")
+        used = table[seq, :pages]
+        bad = (used < 0) | (used >= num_blocks)
+        if bool(bad.any()):
+            column = int(bad.nonzero()[0])
+            raise InputError(f"block_table: sequence {seq}, column {column}: page id {int(used[column])} not in "
+                             f"[0, {num_blocks}) (num_blocks of key_cache)")
+
+
 def attention(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -198,6 +328,7 @@ def attention(
     sinks: Optional[torch.Tensor] = None,
     output_scale: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
+    validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """Paged, variable-length attention on the backend `config.backend` names or `auto` picks.
 
@@ -222,6 +353,8 @@ def attention(
         output_scale: fp32, one element; required when ``config.out_dtype`` is fp8
             (stored output = attention / output_scale, saturated to the format's range).
         out: optional preallocated [num_tokens, num_heads, head_size] in ``config.out_dtype``.
+        validate: also check the index values (lengths, page ids) on the host; None means
+            "when DISPATCH_DEBUG=1". This syncs with the GPU: for debugging, not for serving.
 
     A scale is a dequantization factor: real value = stored.float() * scale. Query i of a
     sequence with q_len queries and kv_len keys sits at position kv_len - q_len + i, so the
@@ -238,11 +371,27 @@ def attention(
         InputError: an argument does not match the config (the message names it).
         UnsupportedConfigError: no backend (or not the named one) can run the config.
     """
+    if torch.compiler.is_compiling():
+        # Under torch.compile: one opaque custom op; its eager implementation (this function) does the checks.
+        from dispatch.ops import attention_op, config_key
+
+        result = attention_op(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config_key(config),
+                              q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks,
+                              output_scale)
+        return result if out is None else out.copy_(result)
     if not isinstance(config, AttentionConfig):
         raise InputError(f"config: expected an AttentionConfig, got {type(config).__name__}")
-    check_inputs(config, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table,
-                 q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale, out)
-    plan = _plan_for(config, q.device)
+    spec = _spec_for(config)
+    scales = (q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale)
+    if not spec.matches(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, scales, out):
+        check_inputs(config, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, *scales, out)
+    if validate or (validate is None and DEBUG):
+        check_values(config, q, key_cache, cu_seqlens_q, seq_lens, block_table)
+    override = current_override()
+    plan = spec.plans.get((q.device, override))
+    if plan is None:
+        plan = _plan_for(config, q.device)
+        spec.plans[(q.device, override)] = plan
     return plan.backend_forward(
         q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config=config,
         q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache,

@@ -137,7 +137,7 @@ def test_signature_matches_the_design_contract():
     assert list(params)[:6] == ["q", "key_cache", "value_cache", "cu_seqlens_q", "seq_lens", "block_table"]
     keyword_only = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     assert keyword_only == ["config", "q_scale", "k_scale", "v_scale", "k_scale_cache", "v_scale_cache",
-                            "alibi_slopes", "sinks", "output_scale", "out"]
+                            "alibi_slopes", "sinks", "output_scale", "out", "validate"]
     assert all(params[n].default is None for n in keyword_only[1:])
     doc = dispatch.attention.__doc__
     for name in params:

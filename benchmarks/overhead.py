@@ -1,0 +1,77 @@
+"""python -m benchmarks.overhead [--device cpu|cuda] [--calls N]
+
+What `dispatch.attention` adds on top of calling the chosen backend's forward
+directly, on a cached config: the argument checks, the plan lookup and the
+call itself. Measured with a backend whose forward does nothing (so the
+difference is all dispatcher), as the median over many repeats of a loop of
+`--calls` calls, in microseconds per call. Goal: <= 5 us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import dispatch
+from dispatch.testing import make_inputs
+
+
+def _per_call_us(fn, calls: int, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def measure(device: str, calls: int = 2000, repeats: int = 15) -> dict:
+    null = dispatch.select(dispatch.AttentionConfig(num_heads=1, num_kv_heads=1, head_size=8, q_dtype="fp16",
+                                                    kv_cache_dtype="fp16", backend="sdpa"), "cpu").capability
+    dispatch.register_backend("null", capability=null.replace(devices=frozenset({"cpu", "cuda"})),
+                              forward=lambda q, *args, config, out=None, **kwargs: out)
+    try:
+        results = {}
+        for label, fields in (
+            ("bf16", dict(q_dtype="bfloat16", kv_cache_dtype="bfloat16")),
+            ("fp8q-fp8kv", dict(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn",
+                                kv_quant_mode="FP8_PER_TENSOR")),
+            ("bf16q-int8kv-pth", dict(q_dtype="bfloat16", kv_cache_dtype="int8", kv_quant_mode="INT8_PER_TOKEN_HEAD")),
+        ):
+            config = dispatch.AttentionConfig(num_heads=32, num_kv_heads=8, head_size=128, backend="null", **fields)
+            inputs = make_inputs(config, [1] * 8, [64] * 8, device=device, poison=False)
+            out = torch.empty(inputs.q.shape, dtype=config.out_torch_dtype, device=device)
+            plan = dispatch.select(config, device)
+            args, kwargs = inputs.args, dict(inputs.kwargs, out=out)
+            dispatch.attention(*args, config=config, **kwargs)  # fill the caches
+
+            direct = _per_call_us(lambda: plan.forward(*args, **kwargs), calls, repeats)
+            full = _per_call_us(lambda: dispatch.attention(*args, config=config, **kwargs), calls, repeats)
+            results[label] = {"attention_us": full, "backend_forward_us": direct, "overhead_us": full - direct}
+        return results
+    finally:
+        dispatch.unregister_backend("null")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args(argv)
+    results = measure(args.device, args.calls)
+    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), "
+          f"torch {torch.__version__}")
+    print("| config | attention() us/call | backend forward us/call | overhead us/call |")
+    print("|---|---|---|---|")
+    for label, r in results.items():
+        print(f"| {label} | {r['attention_us']:.2f} | {r['backend_forward_us']:.2f} | {r['overhead_us']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
