@@ -39,11 +39,6 @@ def _interpreter_numerics(config: AttentionConfig, device: DeviceInfo) -> list[s
             f"{', '.join(f + '=bfloat16' for f in bf16_fields)} not supported on device='cpu': under the Triton "
             "interpreter bfloat16 dots multiply raw bit patterns (triton issue 11584) and fp32->bfloat16 casts truncate"
         )
-    if config.q_is_fp8:
-        problems.append(
-            f"q_dtype={config.q_dtype} not supported on device='cpu': the FP8-query path casts P to e4m3 inside the "
-            "kernel, and the Triton interpreter mis-rounds fp32->e4m3 casts (1.97 becomes 1.0)"
-        )
     if config.out_is_fp8:
         problems.append(
             f"out_dtype={config.out_dtype} not supported on device='cpu': the Triton interpreter mis-rounds "

@@ -54,22 +54,20 @@ KV_QUANT_FP8_PER_TENSOR with a 16-bit query: each fp8 tile is converted to the
   sum_j p_j (v_j * s_v) = s_v * sum_j p_j v_j: this *is* the "tile
   dequantized into the query's dtype before the dot", with fewer roundings and
   no per-element multiply.
-KV_QUANT_FP8_PER_TENSOR with an FP8 e4m3 query (Q_FP8): both dots run on fp8
-  operands with fp32 accumulation. score_scale = softmax_scale * q_scale *
-  k_scale multiplies Q @ K^T once per tile; v_scale multiplies the
-  accumulator in the epilogue. P must be fp8 for the second dot. P is in
-  [0, 1] (scores minus the running max), and e4m3 has normal numbers only down
-  to 2^-6 (subnormals to 2^-9), so a direct cast would flush every
-  probability below ~2^-10 of the row max to zero, and many such keys together
-  can matter. P is therefore multiplied by P_FP8_SCALE = 2^8 before the cast
-  (the largest power of two whose product with 1 stays below e4m3's 448), which
-  moves the normal range down to 2^-14 of the row max; the factor is removed
-  from the accumulator once after the loop. Powers of two make both
-  multiplications exact. Cost: e4m3 keeps 3 mantissa bits, so each quantized
-  probability has a relative error of at most 2^-4 (round to nearest). The row
-  sum l_i adds the *quantized* probabilities, so the normalization divides by
-  exactly the weights that multiplied V (the output is a convex combination of
-  V rows with perturbed weights, never a biased one).
+KV_QUANT_FP8_PER_TENSOR with an FP8 e4m3 query (Q_FP8): Q @ K^T runs on fp8
+  operands (tensor cores, fp32 accumulation), and score_scale = softmax_scale *
+  q_scale * k_scale multiplies it once per tile; v_scale multiplies the
+  accumulator in the epilogue. P @ V runs on 16-bit tensor cores: P is rounded
+  to fp16 (relative error <= 2^-11, as on the 16-bit paths) and the e4m3 V tile
+  is converted to fp16 exactly. Why not an e4m3 P and an fp8 dot, as in vLLM
+  PR #42080: measured on an H100 with triton 3.6 (prefill 4 x 4096, 32/8
+  heads, head size 128), (1) with 64- or 128-row tiles (wgmma) that dot
+  returned wrong values (errors ~1e3 x the bound) whenever the fp8 P also fed
+  the row sum l; (2) the variants that computed it correctly (P as the B
+  operand of a transposed product) ran at ~180 TFLOP/s against ~280-330 for
+  the 16-bit P @ V; (3) an e4m3 P has up to 2^-4 relative error per
+  probability (3 mantissa bits), 128 times fp16's. So the fp8 dot bought
+  neither speed nor accuracy here; revisit with a newer Triton or Blackwell.
 KV_QUANT_FP8_PER_TOKEN_HEAD / KV_QUANT_INT8_PER_TOKEN_HEAD (16-bit query):
   per-key scales come from k_scale_cache / v_scale_cache
   [num_blocks, block_size, H_kv] fp32 through the same page gather. K is
@@ -104,8 +102,6 @@ KV_QUANT_FP8_PER_TOKEN_HEAD = tl.constexpr(2)
 KV_QUANT_INT8_PER_TOKEN_HEAD = tl.constexpr(3)
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# P is scaled by this power of two before its cast to e4m3 (see the docstring).
-P_FP8_SCALE = tl.constexpr(256.0)
 FP8_E4M3_MAX = tl.constexpr(448.0)
 
 
@@ -179,8 +175,7 @@ def unified_attention_kernel(
     tl.static_assert(TILE_N >= 16)
     tl.static_assert(HEAD_SIZE_PADDED >= 16)
     if Q_FP8:
-        # fp8 tensor-core dots need a reduction dimension of at least 32.
-        tl.static_assert(TILE_N >= 32)
+        # An fp8 tensor-core dot (Q @ K^T) needs a reduction dimension of at least 32.
         tl.static_assert(HEAD_SIZE_PADDED >= 32)
         tl.static_assert(KV_QUANT == KV_QUANT_FP8_PER_TENSOR)
 
@@ -299,10 +294,10 @@ def unified_attention_kernel(
         acc = acc * alpha[:, None]
 
         # -- acc += P V --
+        l_i = l_i * alpha + tl.sum(p, 1)
         if Q_FP8:
-            p_fp8 = (p * P_FP8_SCALE).to(Q.dtype.element_ty)
-            l_i = l_i * alpha + tl.sum(p_fp8.to(tl.float32), 1) * (1.0 / P_FP8_SCALE)
-            acc = tl.dot(p_fp8, v, acc)
+            # 16-bit P @ V (see the docstring); e4m3 -> fp16 is exact, v_scale is applied in the epilogue.
+            acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
         else:
             if KV_QUANT == KV_QUANT_FP8_PER_TOKEN_HEAD or KV_QUANT == KV_QUANT_INT8_PER_TOKEN_HEAD:
                 v_scale = tl.load(
@@ -313,12 +308,8 @@ def unified_attention_kernel(
                 v = (v.to(tl.float32) * v_scale[:, None]).to(Q.dtype.element_ty)
             elif KV_QUANT == KV_QUANT_FP8_PER_TENSOR:
                 v = v.to(Q.dtype.element_ty)  # exact; v_scale is applied in the epilogue
-            l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(Q.dtype.element_ty), v, acc)
         m_i = m_new
-
-    if Q_FP8:
-        acc = acc * (1.0 / P_FP8_SCALE)
 
     # ---- epilogue -------------------------------------------------------------------------
     store_mask = row_valid[:, None] & d_valid[None, :]
