@@ -43,9 +43,18 @@ def documented_capabilities() -> list[tuple[str, Capability]]:
     return rows
 
 
+def _rules(cap: Capability) -> str:
+    """The first docstring line of each extra rule: what the fields above cannot say."""
+    lines = []
+    for rule in cap.extra_rules:
+        doc = (rule.__doc__ or rule.__name__).strip().splitlines()[0].rstrip(".")
+        lines.append(doc.replace("|", "\\|"))
+    return "; ".join(lines) or "-"
+
+
 def support_table() -> str:
     header = ("| backend | q dtypes | KV cache dtypes | KV quant modes | out dtypes | head sizes | block sizes "
-              "| features | devices | min CUDA CC | CUDA-graph safe |")
+              "| features | devices | min CUDA CC | CUDA-graph safe | other rules |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for label, cap in documented_capabilities():
         cc = ".".join(map(str, cap.min_compute_capability)) if cap.min_compute_capability else "-"
@@ -57,6 +66,6 @@ def support_table() -> str:
             f"| `{label}` | {_dtypes(cap.q_dtypes)} | {_dtypes(cap.kv_cache_dtypes)} | {modes} "
             f"| {_dtypes(cap.out_dtypes)} | {cap.head_size_rule()} | {cap.block_size_rule()} "
             f"| {', '.join(sorted(cap.features))} | {', '.join(sorted(cap.devices))} | {cc} "
-            f"| {'yes' if cap.cuda_graph_safe else 'no'} |"
+            f"| {'yes' if cap.cuda_graph_safe else 'no'} | {_rules(cap)} |"
         )
     return "\n".join(lines)

@@ -38,6 +38,7 @@ class BackendReport:
     available: bool  # its module and required modules import here
     supported: bool  # available, and no reason against this config on this device
     reasons: tuple[str, ...]
+    description: str = ""  # the capability's own description (names the version found, for flash_attn)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Explanation:
                          f"{'yes' if b.supported else 'no':<9}  {first}")
             lines.extend(f"   {'':<{width}}  {'':<9}  {'':<9}  {r}" for r in rest)
         lines.append("")
+        lines.extend(f"{b.name}: {b.description}" for b in self.backends if b.description)
         lines.append(f"chosen: {self.chosen}" if self.chosen else "chosen: none (see the reasons above)")
         return "\n".join(lines)
 
@@ -84,7 +86,8 @@ class Explanation:
             "order": list(self.order),
             "chosen": self.chosen,
             "backends": [
-                {"name": b.name, "available": b.available, "supported": b.supported, "reasons": list(b.reasons)}
+                {"name": b.name, "available": b.available, "supported": b.supported, "reasons": list(b.reasons),
+                 "description": b.description}
                 for b in self.backends
             ],
         }
@@ -114,7 +117,8 @@ def _report(name: str, config: AttentionConfig, device: DeviceInfo) -> BackendRe
         return BackendReport(name, available=False, supported=False, reasons=(entry,))
     why = reasons(entry.capability, config, device)
     available = not missing_modules(entry.capability.required_modules)
-    return BackendReport(name, available=available, supported=not why, reasons=tuple(why))
+    return BackendReport(name, available=available, supported=not why, reasons=tuple(why),
+                         description=entry.capability.description)
 
 
 def _effective(config: AttentionConfig, override: Override) -> tuple[str, tuple[str, ...]]:

@@ -55,6 +55,12 @@ __all__ = [
 FA4_CAPABILITY = fa4.CAPABILITY
 FA3_CAPABILITY = fa3.CAPABILITY
 FA2_CAPABILITY = fa2.CAPABILITY
+# The README's support table shows every version's record, whatever is installed where it is generated.
+DOCUMENTED_CAPABILITIES = {
+    "flash_attn (FA4)": FA4_CAPABILITY,
+    "flash_attn (FA3)": FA3_CAPABILITY,
+    "flash_attn (FA2)": FA2_CAPABILITY,
+}
 
 INSTALL_HINT = "install FlashAttention 4 with pip install 'attention-dispatch[flash]' (needs a CUDA build of torch)"
 

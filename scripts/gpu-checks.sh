@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Everything that needs the GPU, in one pass, logs under $OUT (default ./gpu-out).
+# Usage on a CUDA machine, from the repository root:  bash scripts/gpu-checks.sh [tests|parity|selftest|bench|overhead|all]...
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+steps=${*:-all}
+has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import importlib.metadata as m; print('flash-attn-4', m.version('flash-attn-4'))" 2>/dev/null || echo "flash-attn-4 not installed"
+  git rev-parse --short HEAD 2>/dev/null || true
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if has tests; then
+  python3 -m pytest -m gpu tests --ignore=tests/parity -q -p no:cacheprovider -x 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+fi
+if has parity; then
+  python3 -m tests.parity --device cuda --report "$OUT/RESULTS-gpu.md" -p no:cacheprovider 2>&1 | tail -8 > "$OUT/parity.log"
+  cat "$OUT/parity.log"
+fi
+if has selftest; then
+  python3 -m dispatch selftest --device cuda 2>&1 | tee "$OUT/selftest.txt" | tail -4
+  python3 -m dispatch explain examples/fp8-deployment.yaml --profile default --device cuda > "$OUT/explain.txt" 2>&1
+  python3 -m dispatch list > "$OUT/list.txt" 2>&1
+fi
+if has overhead; then
+  python3 -m benchmarks.overhead --device cuda 2>&1 | tee "$OUT/overhead.md"
+fi
+if has bench; then
+  python3 -m benchmarks.attention ${BENCH_ARGS:---quick} --out "$OUT/bench" 2>&1 | tail -40
+fi
