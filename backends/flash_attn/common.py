@@ -30,7 +30,7 @@ def compute_capability_text(device: DeviceInfo) -> str:
 
 
 def output_in_query_dtype(config: AttentionConfig, device: DeviceInfo) -> list[str]:
-    """FlashAttention writes a 16-bit query's output in that same dtype, nothing else."""
+    """out_dtype equal to q_dtype (FlashAttention writes a 16-bit query's output in its own dtype)."""
     if config.q_dtype in SIXTEEN_BIT_DTYPES and config.out_dtype != config.q_dtype:
         return [
             f"out_dtype={config.out_dtype} != q_dtype={config.q_dtype}: FlashAttention writes the output in "
@@ -52,7 +52,7 @@ def _per_token_head_or_int8(config: AttentionConfig) -> list[str]:
 
 
 def sixteen_bit_kv_only(config: AttentionConfig, device: DeviceInfo) -> list[str]:
-    """For versions that run 16-bit q, k, v only: say why a quantized cache is refused."""
+    """No quantized KV cache: q, k and v are all 16-bit."""
     reasons = _per_token_head_or_int8(config)
     if config.kv_quant_mode is KVQuantMode.FP8_PER_TENSOR and config.q_dtype in SIXTEEN_BIT_DTYPES:
         reasons.append(
@@ -63,7 +63,7 @@ def sixteen_bit_kv_only(config: AttentionConfig, device: DeviceInfo) -> list[str
 
 
 def fp8_kv_needs_fp8_query(config: AttentionConfig, device: DeviceInfo) -> list[str]:
-    """For a version with an FP8 path (q, k, v all e4m3): say why other quantized caches are refused."""
+    """A quantized KV cache only as e4m3 FP8_PER_TENSOR with an e4m3 query (q, k, v all in FP8)."""
     reasons = _per_token_head_or_int8(config)
     if config.kv_cache_dtype == "float8_e5m2":
         reasons.append(

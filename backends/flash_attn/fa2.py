@@ -49,6 +49,7 @@ MINIMUM_VERSION = (2, 6)  # softcap and block_table in flash_attn_varlen_func
 
 
 def _alibi_needs_causal(config: AttentionConfig, device: DeviceInfo) -> list[str]:
+    """ALiBi only with causal=True (FA2's bias is -slope * |pos - j|)."""
     if config.use_alibi and not config.causal:
         return ["use_alibi=True with causal=False: FlashAttention 2's bias is -slope * |pos - j|, which differs "
                 "from slope * (j - pos) for keys after the query"]

@@ -56,6 +56,7 @@ DISTRIBUTIONS = ("flash_attn_3", "flash-attn-3")
 
 
 def _hopper_only(config: AttentionConfig, device: DeviceInfo) -> list[str]:
+    """Compute capability 9.x only."""
     cc = device.compute_capability
     if cc is not None and cc[0] > 9:
         return [f"compute capability {compute_capability_text(device)}: FlashAttention 3 runs on 9.x (Hopper) only"]
@@ -63,6 +64,7 @@ def _hopper_only(config: AttentionConfig, device: DeviceInfo) -> list[str]:
 
 
 def _fp8_layout(config: AttentionConfig, device: DeviceInfo) -> list[str]:
+    """FP8 query: bfloat16 output and head_size a multiple of 16."""
     reasons = []
     if config.q_is_fp8 and config.out_dtype != "bfloat16":
         reasons.append(f"out_dtype={config.out_dtype} with q_dtype={config.q_dtype}: FlashAttention 3 writes an "

@@ -77,6 +77,7 @@ _PAGED_ARCHS = (9, 10, 11)  # compute capability majors with a paged-KV forward
 
 
 def _fp8_query(config: AttentionConfig, device: DeviceInfo) -> list[str]:
+    """No FP8 query: FA4's FP8 forward needs SM100, and is not verified here."""
     if not config.q_is_fp8:
         return []
     if device.compute_capability is not None and device.compute_capability[0] == 9:
@@ -88,6 +89,7 @@ def _fp8_query(config: AttentionConfig, device: DeviceInfo) -> list[str]:
 
 
 def _paged_architecture(config: AttentionConfig, device: DeviceInfo) -> list[str]:
+    """Paged KV on compute capability 9.x, 10.x and 11.x only."""
     cc = device.compute_capability
     if cc is not None and cc >= (9, 0) and cc[0] not in _PAGED_ARCHS:
         return [
@@ -98,6 +100,7 @@ def _paged_architecture(config: AttentionConfig, device: DeviceInfo) -> list[str
 
 
 def _blackwell_head_sizes(config: AttentionConfig, device: DeviceInfo) -> list[str]:
+    """On 10.x / 11.x, head_size at most 128 or exactly 256."""
     cc = device.compute_capability
     if cc is not None and cc[0] in (10, 11) and not (config.head_size <= 128 or config.head_size == 256):
         return [
@@ -134,6 +137,7 @@ def kv_tile(config: AttentionConfig, device: DeviceInfo) -> Optional[int]:
 
 
 def _tma_reads_last_page_tail(config: AttentionConfig, device: DeviceInfo) -> list[str]:
+    """block_size must differ from FA4's KV tile (128 for head_size 128 on 9.x): TMA pages read the unused tail."""
     tile = kv_tile(config, device)
     if tile is None or config.block_size != tile:
         return []
