@@ -57,7 +57,9 @@ KV_QUANT_FP8_PER_TENSOR with a 16-bit query: each fp8 tile is converted to the
 KV_QUANT_FP8_PER_TENSOR with an FP8 e4m3 query (Q_FP8): Q @ K^T runs on fp8
   operands (tensor cores, fp32 accumulation), and score_scale = softmax_scale *
   q_scale * k_scale multiplies it once per tile; v_scale multiplies the
-  accumulator in the epilogue. P @ V runs on 16-bit tensor cores: P is rounded
+  accumulator in the epilogue. (Hopper's fp8 MMA keeps only ~14 bits while
+  accumulating, so a score errs by up to ~2^-13 * |q| . |k| * score_scale; the
+  GPU tests bound this term.) P @ V runs on 16-bit tensor cores: P is rounded
   to fp16 (relative error <= 2^-11, as on the 16-bit paths) and the e4m3 V tile
   is converted to fp16 exactly. Why not an e4m3 P and an fp8 dot, as in vLLM
   PR #42080: measured on an H100 with triton 3.6 (prefill 4 x 4096, 32/8

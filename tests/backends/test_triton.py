@@ -285,7 +285,7 @@ def _mode_feature_params():
         yield pytest.param("bfloat16", kv_dtype, mode, {}, id=f"{mode_id}-h32-bs16-causal", marks=BF16_SKIP)
 
 
-@pytest.mark.parametrize("q_dtype, kv_cache_dtype, kv_quant_mode, features", _mode_feature_params())
+@pytest.mark.parametrize("q_dtype, kv_cache_dtype, kv_quant_mode, features", list(_mode_feature_params()))
 def test_sixteen_bit_query_matches_oracle(q_dtype, kv_cache_dtype, kv_quant_mode, features):
     config = make_config(q_dtype=q_dtype, kv_cache_dtype=kv_cache_dtype, kv_quant_mode=kv_quant_mode, **features)
     inputs = make_inputs(config, Q_LENS, KV_LENS)
