@@ -20,15 +20,17 @@ __all__ = ["CAPABILITY", "forward"]
 
 
 def _cpu_needs_interpreter(config: AttentionConfig, device: DeviceInfo) -> list[str]:
+    """On the CPU only under Triton's interpreter (TRITON_INTERPRET=1)."""
     if device.type == "cpu" and not device.triton_interpret:
         return ["device='cpu' needs TRITON_INTERPRET=1 (Triton runs on CPU only through its interpreter)"]
     return []
 
 
 def _interpreter_numerics(config: AttentionConfig, device: DeviceInfo) -> list[str]:
-    """What the Triton interpreter (CPU) computes wrongly, measured with triton 3.9; re-check on upgrade.
+    """On the CPU, no bfloat16 and no fp8 output: the interpreter computes them wrongly (triton 3.9).
 
-    The kernel is right on the GPU for all of these; on CPU they are refused rather than wrong.
+    Measured with triton 3.9; re-check on upgrade. The kernel is right on the GPU for all of
+    these; on CPU they are refused rather than wrong.
     """
     if device.type != "cpu":
         return []
@@ -62,6 +64,7 @@ CAPABILITY = Capability(
     min_compute_capability_by_dtype=(("float8_e4m3fn", (8, 9)), ("float8_e5m2", (8, 9))),
     required_modules=("triton",),
     cuda_graph_safe=True,
+    fp8_query_p_dtype="float16",  # P @ V on 16-bit tensor cores even for an fp8 query: see kernel.py
     extra_rules=(_cpu_needs_interpreter, _interpreter_numerics),
 )
 
