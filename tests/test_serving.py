@@ -314,10 +314,11 @@ def test_cuda_graph_capture_and_replay(backend, step):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = dispatch.attention(*static.values(), config=config, **kwargs)
-    # New inputs of the same shapes written into the captured buffers, including new lengths.
-    new_args, _ = _gpu_inputs(config, q_lens, [k - 5 for k in kv_lens])
-    for name in ("q", "key_cache", "value_cache", "seq_lens"):
-        static[name].copy_(new_args[name])
+    # New values written into the captured buffers: other q, k, v, and shorter sequences.
+    fresh = make_inputs(config, q_lens, kv_lens, device="cuda", poison=False, seed=1)
+    for name, tensor in zip(("q", "key_cache", "value_cache"), fresh.args):
+        static[name].copy_(tensor)
+    static["seq_lens"].copy_(torch.tensor([k - 5 for k in kv_lens], dtype=torch.int32))
     graph.replay()
     eager = dispatch.attention(*static.values(), config=config, **kwargs)
     torch.cuda.synchronize()
