@@ -166,21 +166,16 @@ def device_limits(timer: Timer, device) -> dict:
 def environment() -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "date":
            datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    for module in ("triton", "flash_attn"):
-        try:
-            mod = __import__(module)
-            env[module] = getattr(mod, "__version__", "unknown")
-        except Exception as exc:
-            env[module] = f"not importable ({type(exc).__name__}: {exc})".splitlines()[0]
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        env["flash-attn-4"] = version("flash-attn-4")
-    except Exception as exc:
-        env["flash-attn-4"] = f"not installed ({type(exc).__name__})"
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       check=True).stdout.strip()
+    for distribution in ("triton", "flash-attn-4", "flash-attn"):
+        try:
+            env[distribution] = version(distribution)
+        except PackageNotFoundError:
+            env[distribution] = "not installed"
+    try:  # a copy of the tree without .git (a GPU machine) passes the commit in DISPATCH_COMMIT
+        env["commit"] = os.environ.get("DISPATCH_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except Exception:
         env["commit"] = "unknown"
     if torch.cuda.is_available():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one pass, logs under $OUT (default ./gpu-out).
 # Usage on a CUDA machine, from the repository root:  bash scripts/gpu-checks.sh [tests|parity|selftest|bench|overhead|all]...
+# Where the tree was copied without .git, set DISPATCH_COMMIT so the reports name the commit.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -11,7 +12,7 @@ has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   python3 -c "import importlib.metadata as m; print('flash-attn-4', m.version('flash-attn-4'))" 2>/dev/null || echo "flash-attn-4 not installed"
-  git rev-parse --short HEAD 2>/dev/null || true
+  echo "commit ${DISPATCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 if has tests; then

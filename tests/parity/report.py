@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 from collections import Counter, defaultdict
@@ -28,16 +29,21 @@ RESULTS: list[ParityResult] = []
 
 
 def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
-    for module in ("triton", "flash_attn"):
+    for distribution in ("triton", "flash-attn-4", "flash-attn"):
         try:
-            parts.append(f"{module} {__import__(module).__version__}")
-        except Exception as exc:  # not installed here: say so
-            parts.append(f"{module} not importable ({type(exc).__name__})")
+            parts.append(f"{distribution} {version(distribution)}")
+        except PackageNotFoundError:
+            parts.append(f"{distribution} not installed")
     return ", ".join(parts)
 
 
 def _commit() -> str:
+    # A copy of the tree without .git (a GPU machine) passes the commit in DISPATCH_COMMIT.
+    if os.environ.get("DISPATCH_COMMIT"):
+        return os.environ["DISPATCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -1,0 +1,76 @@
+"""python -m benchmarks.tune_tiles [--case decode-64x8k] [--dtypes ...] [--block-size 16]
+
+Sweeps the Triton kernel's tile parameters (tile_n, num_warps, num_stages) on
+one benchmark case and prints each variant's median time, KV bandwidth and
+its output's difference from the default tiles' output (a miscompiled
+variant shows up there, not as a speed). Evidence for `choose_tiles`; the
+defaults change only with a run like this behind them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+
+import torch
+
+from benchmarks.attention import DTYPES, HEAD_SIZE, HEADS, KV_HEADS, SHAPES, Timer, kv_bytes_read
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_tiles", description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="decode-64x8k", choices=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "bf16q-fp8kv", "fp8q-fp8kv", "bf16q-int8kv-pth"],
+                        choices=list(DTYPES))
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--tile-n", nargs="+", type=int, default=[32, 64, 128])
+    parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
+    parser.add_argument("--stages", nargs="+", type=int, default=[2, 3, 4])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.tune_tiles needs a CUDA device")
+        return 2
+
+    import dispatch
+    from backends.triton import launcher
+    from dispatch.testing import make_inputs
+
+    timer = Timer("cuda", warmup=3, runs=20)
+    kind, q_lens, kv_lens = SHAPES[args.case]
+    print(f"case {args.case}, block size {args.block_size}, {torch.cuda.get_device_name()}")
+    print("| dtypes | tile_n | warps | stages | median ms | TB/s | max |diff| vs default |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype_name in args.dtypes:
+        config = dispatch.AttentionConfig(num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
+                                          block_size=args.block_size, backend="triton", **DTYPES[dtype_name])
+        inputs = make_inputs(config, q_lens, kv_lens, device="cuda", poison=False, extra_blocks=0,
+                             generate_on_device=True)
+        kwargs = dict(inputs.kwargs)
+        default = launcher.unified_attention(*inputs.args, config=config, **kwargs).float()
+        decode = launcher.is_decode_shaped(sum(q_lens), len(q_lens))
+        base = launcher.choose_tiles(HEAD_SIZE, HEADS // KV_HEADS, config.q_is_fp8, decode)
+        rows = []
+        for tile_n, warps, stages in itertools.product(args.tile_n, args.warps, args.stages):
+            tiles = launcher.Tiles(block_m=base.block_m, tile_n=tile_n, num_warps=warps, num_stages=stages)
+            try:
+                out = launcher.unified_attention(*inputs.args, config=config, tiles=tiles, **kwargs)
+                diff = float((out.float() - default).abs().max())
+                ms = statistics.median(timer(lambda: launcher.unified_attention(*inputs.args, config=config,
+                                                                                   tiles=tiles, **kwargs)))
+            except Exception as exc:  # a variant that does not compile is reported, not hidden
+                print(f"| {dtype_name} | {tile_n} | {warps} | {stages} | error: {type(exc).__name__} | | |")
+                continue
+            rows.append((ms, tile_n, warps, stages, diff))
+        for ms, tile_n, warps, stages, diff in sorted(rows):
+            mark = " (default)" if (tile_n, warps, stages) == (base.tile_n, base.num_warps, base.num_stages) else ""
+            tb = kv_bytes_read(config, kv_lens) / (ms / 1e3) / 1e12
+            print(f"| {dtype_name} | {tile_n} | {warps} | {stages}{mark} | {ms:.3f} | {tb:.2f} | {diff:.2e} |")
+        del inputs
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
