@@ -26,38 +26,15 @@ __all__ = ["attention"]
 
 DEBUG = os.environ.get("DISPATCH_DEBUG", "0") not in ("", "0")
 
-_plans: dict[tuple[AttentionConfig, torch.device, Override], Plan] = {}
-_plans_lock = threading.Lock()
-
-
-def _clear_plans() -> None:
-    with _plans_lock:
-        _plans.clear()
-        _specs.clear()
-
-
-registry.on_change(_clear_plans)
-
-
-def _plan_for(config: AttentionConfig, device: torch.device) -> Plan:
-    # A second, cheaper cache in front of select(): keyed on the tensor's own device
-    # object, so a cached call skips resolving the device.
-    key = (config, device, current_override())
-    plan = _plans.get(key)
-    if plan is None:
-        plan = select(config, device)
-        with _plans_lock:
-            _plans[key] = plan
-    return plan
-
-
 class _CallSpec:
     """What a valid call with one config looks like, precomputed: the hot path's checks.
 
     `matches()` is a fast, conservative predicate over tensor metadata. When it says
     no, `check_inputs()` runs and names the problem (or finds none: `matches()` is
     stricter, e.g. it wants whole tensors contiguous where only the last dimension
-    must be). Plans are cached here too, per (device, override).
+    must be). The plan for each (tensor device, `dispatch.use()` override) is cached
+    here too, in front of select()'s own cache, so a cached call neither hashes the
+    config nor resolves the device.
     """
 
     __slots__ = ("config", "q_dtype", "cache_dtype", "out_dtype", "q_tail", "cache_tail", "needed", "scale_shape",
@@ -76,7 +53,7 @@ class _CallSpec:
         self.needed = (config.q_is_fp8, mode is KVQuantMode.FP8_PER_TENSOR, mode is KVQuantMode.FP8_PER_TENSOR,
                        mode.is_per_token_head, mode.is_per_token_head, config.use_alibi, config.use_sinks,
                        config.out_is_fp8)
-        self.plans: dict = {}
+        self.plans: dict[tuple[torch.device, Override], Plan] = {}
 
     def matches(self, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, scales, out) -> bool:
         try:
@@ -129,7 +106,16 @@ class _CallSpec:
 
 
 _specs: dict[int, _CallSpec] = {}
+_specs_lock = threading.Lock()
 _MAX_SPECS = 4096  # configs are few in practice; the bound keeps a pathological caller from growing this forever
+
+
+def _clear_specs() -> None:
+    with _specs_lock:
+        _specs.clear()
+
+
+registry.on_change(_clear_specs)  # a new registration may change any plan
 
 
 def _spec_for(config: AttentionConfig) -> _CallSpec:
@@ -138,7 +124,7 @@ def _spec_for(config: AttentionConfig) -> _CallSpec:
     spec = _specs.get(id(config))
     if spec is None or spec.config is not config:
         spec = _CallSpec(config)
-        with _plans_lock:
+        with _specs_lock:
             if len(_specs) >= _MAX_SPECS:
                 _specs.clear()
             _specs[id(config)] = spec
@@ -387,11 +373,10 @@ def attention(
         check_inputs(config, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, *scales, out)
     if validate or (validate is None and DEBUG):
         check_values(config, q, key_cache, cu_seqlens_q, seq_lens, block_table)
-    override = current_override()
-    plan = spec.plans.get((q.device, override))
+    key = (q.device, current_override())
+    plan = spec.plans.get(key)
     if plan is None:
-        plan = _plan_for(config, q.device)
-        spec.plans[(q.device, override)] = plan
+        plan = spec.plans[key] = select(config, q.device)
     return plan.backend_forward(
         q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config=config,
         q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache,

@@ -323,3 +323,22 @@ def test_cuda_graph_capture_and_replay(backend, step):
     eager = dispatch.attention(*static.values(), config=config, **kwargs)
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "flash_attn", "sdpa"])
+def test_torch_compile_fullgraph_on_gpu(backend):
+    config = AttentionConfig(num_heads=8, num_kv_heads=2, head_size=128, q_dtype="bf16", kv_cache_dtype="bf16",
+                             backend=backend)
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} not available here")
+    args, kwargs = _gpu_inputs(config, [1, 7, 1], [100, 40, 17])
+    proj = torch.nn.Linear(config.head_size, config.head_size, device="cuda", dtype=torch.bfloat16)
+
+    def layer(x):
+        out = dispatch.attention(proj(x), *list(args.values())[1:], config=config, **kwargs)
+        return out.float().sum(-1)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(args["q"]), layer(args["q"]))
