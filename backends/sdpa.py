@@ -37,6 +37,7 @@ CAPABILITY = Capability(
     kv_quant_modes=frozenset(KVQuantMode),
     devices=frozenset({"cpu", "cuda"}),
     features=frozenset({"causal", "non_causal", "sliding_window", "softcap", "alibi", "sinks"}),
+    required_modules=("torch",),
     cuda_graph_safe=False,
 )
 

@@ -40,6 +40,18 @@ def capability_as_dict(capability: Capability) -> dict:
     }
 
 
+def module_versions(modules) -> dict[str, str]:
+    """Installed distribution and version behind each required module, from package metadata."""
+    import importlib.metadata as metadata
+
+    owners = metadata.packages_distributions()
+    versions = {}
+    for module in modules:
+        dists = owners.get(module.split(".")[0], [])
+        versions[module] = ", ".join(f"{d} {metadata.version(d)}" for d in dists) if dists else "not installed"
+    return versions
+
+
 def _list(args) -> int:
     if args.markdown:
         from dispatch.docs import support_table
@@ -54,13 +66,16 @@ def _list(args) -> int:
             continue
         problems = list(missing_modules(entry.capability.required_modules))
         rows.append({"name": name, "importable": not problems, "problems": problems,
+                     "versions": module_versions(entry.capability.required_modules),
                      "capability": capability_as_dict(entry.capability)})
     if args.json:
         print(json.dumps({"order": list(registry.default_order()), "backends": rows}, indent=2))
         return 0
     print(f"auto order: {', '.join(registry.default_order())}")
     for row in rows:
-        print(f"\n{row['name']}: {'importable' if row['importable'] else 'NOT importable'}")
+        versions = "; ".join(f"{m}: {v}" for m, v in row.get("versions", {}).items())
+        print(f"\n{row['name']}: {'importable' if row['importable'] else 'NOT importable'}"
+              + (f" ({versions})" if versions else ""))
         for problem in row["problems"]:
             print(f"  ! {problem}")
         for key, value in (row["capability"] or {}).items():

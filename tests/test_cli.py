@@ -25,6 +25,8 @@ def test_list_shows_every_backend_and_its_record():
     for name in ("triton", "flash_attn", "sdpa"):
         assert f"\n{name}: " in result.stdout
     assert "auto order: triton, flash_attn, sdpa" in result.stdout
+    assert "\ntriton: importable (triton: triton " in result.stdout  # the version found
+    assert "\nsdpa: importable (torch: torch " in result.stdout
     data = json.loads(run("list", "--json").stdout)
     sdpa = next(b for b in data["backends"] if b["name"] == "sdpa")
     assert sdpa["importable"] and "INT8_PER_TOKEN_HEAD" in sdpa["capability"]["kv_quant_modes"]
