@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 from typing import Optional, Sequence
@@ -152,6 +153,10 @@ def _selftest(args) -> int:
     from dispatch.selftest import format_results, results_as_dicts, run_selftest
 
     device = args.device or ("cuda" if resolve_device(None).type == "cuda" else "cpu")
+    if device == "cpu" and "triton" not in sys.modules:
+        # On a CPU, Triton kernels run only in its interpreter, which must be chosen before triton is
+        # imported; the selftest turns it on so the Triton backend is checked here too.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     results = run_selftest(device)
     if args.json:
         print(json.dumps({"device": str(resolve_device(device)), "results": results_as_dicts(results)}, indent=2))

@@ -36,6 +36,8 @@ SELFTEST_CONFIGS: tuple[tuple[str, dict], ...] = (
     ("bf16", dict(q_dtype="bfloat16", kv_cache_dtype="bfloat16")),
     ("fp8q-fp8kv-per-tensor", dict(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn",
                                    kv_quant_mode="FP8_PER_TENSOR")),
+    ("fp8q-fp8kv-per-tensor-fp16-out", dict(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn",
+                                            kv_quant_mode="FP8_PER_TENSOR", out_dtype="float16")),
     ("fp16q-e5m2kv-per-tensor", dict(q_dtype="float16", kv_cache_dtype="float8_e5m2", kv_quant_mode="FP8_PER_TENSOR")),
     ("bf16q-fp8kv-per-token-head", dict(q_dtype="bfloat16", kv_cache_dtype="float8_e4m3fn",
                                         kv_quant_mode="FP8_PER_TOKEN_HEAD")),
