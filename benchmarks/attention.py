@@ -145,7 +145,6 @@ def device_limits(timer: Timer, device) -> dict:
     dst = torch.empty_like(src)
     ms = statistics.median(timer(lambda: dst.copy_(src)))
     limits["copy_tb_per_s"] = 2 * n / ms / 1e9  # read + write
-    del src, dst
     m = 8192
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)

@@ -67,8 +67,6 @@ def main(argv=None) -> int:
             mark = " (default)" if (tile_n, warps, stages) == (base.tile_n, base.num_warps, base.num_stages) else ""
             tb = kv_bytes_read(config, kv_lens) / (ms / 1e3) / 1e12
             print(f"| {dtype_name} | {tile_n} | {warps} | {stages}{mark} | {ms:.3f} | {tb:.2f} | {diff:.2e} |")
-        del inputs
-        torch.cuda.empty_cache()
     return 0
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator

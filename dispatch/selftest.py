@@ -25,7 +25,7 @@ from dispatch.api import attention
 from dispatch.config import AttentionConfig
 from dispatch.errors import UnsupportedConfigError
 from dispatch.selector import explain
-from dispatch.testing import make_inputs, output_as_real, reference_attention
+from dispatch.testing import make_inputs, output_as_real, reference_attention, unit_roundoff
 
 __all__ = ["SELFTEST_CONFIGS", "SelftestResult", "run_selftest", "format_results"]
 
@@ -50,7 +50,6 @@ SELFTEST_CONFIGS: tuple[tuple[str, dict], ...] = (
 _Q_LENS = [1, 1, 17, 5]
 _KV_LENS = [1, 16, 17, 40]
 
-_UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8, "float8_e4m3fn": 2.0**-4}
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def error_bound(config: AttentionConfig, fp8_query_p_dtype: Optional[str]) -> fl
     steps = [config.out_dtype, "float32" if config.q_is_fp8 else config.q_dtype]
     if config.q_is_fp8 and fp8_query_p_dtype is not None:
         steps.append(fp8_query_p_dtype)
-    return 4 * max(_UNIT_ROUNDOFF[s] for s in steps)
+    return 4 * max(unit_roundoff(s) for s in steps)
 
 
 def _check_one(label: str, config: AttentionConfig, device: str) -> SelftestResult:

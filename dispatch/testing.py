@@ -18,14 +18,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from dispatch.config import FP8_DTYPES, AttentionConfig, KVQuantMode
+from dispatch.config import FP8_DTYPES, AttentionConfig, KVQuantMode, canonical_dtype_name
 
 __all__ = ["AttentionInputs", "make_inputs", "alibi_slopes_for", "reference_attention", "output_as_real",
-           "Q_SCALE", "K_SCALE", "V_SCALE", "OUTPUT_SCALE"]
+           "unit_roundoff", "Q_SCALE", "K_SCALE", "V_SCALE", "OUTPUT_SCALE"]
+
+# Unit roundoff (half an ulp at 1.0) of each floating format: the size of one rounding.
+_UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8, "float8_e4m3fn": 2.0**-4,
+                  "float8_e5m2": 2.0**-3}
+
+
+def unit_roundoff(dtype) -> float:
+    """Unit roundoff of a dtype given as torch.dtype or name ('bf16', torch.float16, ...)."""
+    return _UNIT_ROUNDOFF[canonical_dtype_name(dtype)]
 
 # Non-unit, distinct scales (the FP8 case of vLLM PR #42080).
 Q_SCALE = 0.75

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from dispatch.config import AttentionConfig
-from dispatch.testing import (  # noqa: F401  (re-exported)
+from dispatch.testing import (  # re-exported: see __all__
     K_SCALE,
     OUTPUT_SCALE,
     Q_SCALE,
@@ -18,7 +18,11 @@ from dispatch.testing import (  # noqa: F401  (re-exported)
     alibi_slopes_for,
     make_inputs,
     output_as_real,
+    unit_roundoff,
 )
+
+__all__ = ["K_SCALE", "OUTPUT_SCALE", "Q_SCALE", "V_SCALE", "AttentionInputs", "alibi_slopes_for", "make_inputs",
+           "output_as_real", "unit_roundoff", "tolerance", "assert_close_to_oracle"]
 
 
 def assert_close_to_oracle(out, ref, *, atol: float, rtol: float, label: str = "") -> float:
@@ -43,15 +47,6 @@ def assert_close_to_oracle(out, ref, *, atol: float, rtol: float, label: str = "
     return float(err.max())
 
 
-# Unit roundoff (half an ulp at 1.0) of each format: the size of one rounding.
-UNIT_ROUNDOFF = {
-    torch.float32: 2.0**-24,
-    torch.float16: 2.0**-11,
-    torch.bfloat16: 2.0**-8,
-    torch.float8_e4m3fn: 2.0**-4,
-}
-
-
 def tolerance(config: AttentionConfig, compute_dtype: torch.dtype, roundings: int = 8) -> tuple[float, float]:
     """(atol, rtol) for a backend computing in `compute_dtype` against the float64 oracle.
 
@@ -60,8 +55,8 @@ def tolerance(config: AttentionConfig, compute_dtype: torch.dtype, roundings: in
     the PV accumulation; `roundings` of them, relative to outputs of size ~1),
     plus one rounding of the result into the output dtype.
     """
-    u_compute = UNIT_ROUNDOFF[compute_dtype]
-    u_out = UNIT_ROUNDOFF[config.out_torch_dtype]
+    u_compute = unit_roundoff(compute_dtype)
+    u_out = unit_roundoff(config.out_torch_dtype)
     atol = roundings * u_compute
     if config.out_is_fp8:
         # fp8 stores o / output_scale; its smallest subnormal step (2^-9), times the scale, is an absolute floor.

@@ -28,7 +28,7 @@ import dispatch
 from backends.flash_attn import Installation, choose, common, fa2, fa3, fa4
 from dispatch import AttentionConfig, UnsupportedConfigError
 from dispatch.capabilities import Capability, DeviceInfo, missing_modules, reasons
-from tests.cases import UNIT_ROUNDOFF, make_inputs
+from tests.cases import make_inputs, unit_roundoff
 from tests.oracle import reference_attention as naive_oracle
 
 H100 = DeviceInfo(type="cuda", index=0, name="H100", compute_capability=(9, 0))
@@ -458,7 +458,7 @@ class Outcome:
     @property
     def bound(self) -> float:
         """flash-attn's rule: factor x the yardstick, plus two roundings of the largest output."""
-        atol = 2 * UNIT_ROUNDOFF[self.config.q_torch_dtype] * self.judge.abs().max().item()
+        atol = 2 * unit_roundoff(self.config.q_torch_dtype) * self.judge.abs().max().item()
         return self.factor * self.yardstick + atol
 
     def label(self) -> str:
@@ -661,7 +661,7 @@ def test_older_versions_where_installed(version, fields):
     judge = reference(inputs, config)
     if config.q_is_fp8:
         # FA3 rounds P to e4m3 before the PV product: allow a few e4m3 roundings of the output.
-        assert (out - judge).abs().max().item() <= 4 * UNIT_ROUNDOFF[torch.float8_e4m3fn] * judge.abs().max().item()
+        assert (out - judge).abs().max().item() <= 4 * unit_roundoff(torch.float8_e4m3fn) * judge.abs().max().item()
         return
     errors = {"flash_attn": (out - judge).abs().max().item(),
               "pytorch": (reference(inputs, config, config.q_torch_dtype) - judge).abs().max().item()}

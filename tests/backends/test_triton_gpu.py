@@ -38,7 +38,7 @@ import torch
 
 from dispatch.capabilities import reasons, resolve_device
 from dispatch.config import AttentionConfig, KVQuantMode
-from tests.cases import AttentionInputs, make_inputs, output_as_real
+from tests.cases import AttentionInputs, make_inputs, output_as_real, unit_roundoff
 from tests.oracle import reference_attention
 
 import backends.triton as triton_backend
@@ -52,7 +52,6 @@ DECODE = ([1] * 8, [8000, 1, 17, 129, 2048, 4000, 777, 5000])
 
 SLIDING_WINDOW = 1000
 SOFT_CAP = 10.0
-UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 0.0, "float8_e4m3fn": 2.0**-4}
 FP16_P_SUBNORMAL_ERROR = 2.0**-25
 FP8_MMA_ACCUMULATION_ERROR = 2.0**-13  # relative to sum |q_d k_d|: ~14 bits kept by Hopper fp8 MMA
 
@@ -176,12 +175,12 @@ def reference_attention_gpu(config: AttentionConfig, inputs: AttentionInputs, ro
 def allowed_error(config: AttentionConfig, inputs: AttentionInputs, ref: Reference) -> torch.Tensor:
     """Per-element bound on |kernel - reference| (module docstring)."""
     pv_dtype = "float16" if config.q_is_fp8 else config.q_dtype  # the P @ V dot's operand dtype
-    allowed = 2 * UNIT_ROUNDOFF[pv_dtype] * ref.rms_v
+    allowed = 2 * unit_roundoff(pv_dtype) * ref.rms_v
     if pv_dtype == "float16":
         allowed = allowed + ref.small_fp16
     if config.q_is_fp8:
         allowed = allowed + ref.fp8_qk
-    u_out = UNIT_ROUNDOFF[config.out_dtype]
+    u_out = unit_roundoff(config.out_dtype)
     allowed = allowed + u_out * (ref.out.abs() + allowed) + 1e-4
     if config.out_is_fp8:
         allowed = allowed + 2.0**-10 * float(inputs.kwargs["output_scale"][0])
