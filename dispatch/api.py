@@ -37,8 +37,7 @@ class _CallSpec:
     config nor resolves the device.
     """
 
-    __slots__ = ("config", "q_dtype", "cache_dtype", "out_dtype", "q_tail", "cache_tail", "needed", "scale_shape",
-                 "heads", "plans")
+    __slots__ = ("config", "q_dtype", "cache_dtype", "out_dtype", "q_tail", "cache_tail", "needed", "plans")
 
     def __init__(self, config: AttentionConfig):
         mode = config.kv_quant_mode
@@ -47,8 +46,6 @@ class _CallSpec:
                                                           config.out_torch_dtype)
         self.q_tail = (config.num_heads, config.head_size)
         self.cache_tail = (config.block_size, config.num_kv_heads, config.head_size)
-        self.scale_shape = (config.block_size, config.num_kv_heads)
-        self.heads = config.num_heads
         # which of q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale
         self.needed = (config.q_is_fp8, mode is KVQuantMode.FP8_PER_TENSOR, mode is KVQuantMode.FP8_PER_TENSOR,
                        mode.is_per_token_head, mode.is_per_token_head, config.use_alibi, config.use_sinks,
@@ -56,42 +53,47 @@ class _CallSpec:
         self.plans: dict[tuple[torch.device, Override], Plan] = {}
 
     def matches(self, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, scales, out) -> bool:
+        # Written for speed (this is the per-call cost of the dispatcher): shapes are fetched once and
+        # indexed (slicing a torch.Size costs more than two indexes), and the cheapest tests come first.
         try:
             device = q.device
-            if (q.dtype is not self.q_dtype or q.dim() != 3 or q.shape[1:] != self.q_tail or not q.is_contiguous()
-                    or key_cache.dtype is not self.cache_dtype or key_cache.dim() != 4
-                    or key_cache.shape[1:] != self.cache_tail or key_cache.device != device
-                    or not key_cache.is_contiguous() or value_cache.dtype is not self.cache_dtype
-                    or value_cache.shape != key_cache.shape or value_cache.device != device
-                    or not value_cache.is_contiguous()):
+            q_shape, k_shape = q.shape, key_cache.shape
+            heads, head_size = self.q_tail
+            block_size, kv_heads, _ = self.cache_tail
+            if (q.dtype is not self.q_dtype or len(q_shape) != 3 or q_shape[1] != heads or q_shape[2] != head_size
+                    or key_cache.dtype is not self.cache_dtype or len(k_shape) != 4 or k_shape[1] != block_size
+                    or k_shape[2] != kv_heads or k_shape[3] != head_size
+                    or value_cache.dtype is not self.cache_dtype or value_cache.shape != k_shape
+                    or key_cache.device != device or value_cache.device != device
+                    or not (q.is_contiguous() and key_cache.is_contiguous() and value_cache.is_contiguous())):
                 return False
-            num_seqs = seq_lens.shape[0]
-            if (seq_lens.dtype is not torch.int32 or seq_lens.dim() != 1 or seq_lens.device != device
-                    or cu_seqlens_q.dtype is not torch.int32 or cu_seqlens_q.shape[0] != num_seqs + 1
-                    or cu_seqlens_q.dim() != 1 or cu_seqlens_q.device != device or not cu_seqlens_q.is_contiguous()
-                    or not seq_lens.is_contiguous() or block_table.dtype is not torch.int32 or block_table.dim() != 2
-                    or block_table.shape[0] != num_seqs or block_table.shape[1] == 0
-                    or block_table.device != device or not block_table.is_contiguous()):
+            lens_shape, cu_shape, table_shape = seq_lens.shape, cu_seqlens_q.shape, block_table.shape
+            if (seq_lens.dtype is not torch.int32 or cu_seqlens_q.dtype is not torch.int32
+                    or block_table.dtype is not torch.int32 or len(lens_shape) != 1 or len(cu_shape) != 1
+                    or len(table_shape) != 2 or cu_shape[0] != lens_shape[0] + 1 or table_shape[0] != lens_shape[0]
+                    or table_shape[1] == 0 or seq_lens.device != device or cu_seqlens_q.device != device
+                    or block_table.device != device or not (seq_lens.is_contiguous() and cu_seqlens_q.is_contiguous()
+                                                            and block_table.is_contiguous())):
                 return False
-            needed = self.needed
-            for index, scale in enumerate(scales):
-                if (scale is not None) != needed[index]:
-                    return False
+            for index, (scale, needed) in enumerate(zip(scales, self.needed)):
                 if scale is None:
-                    continue
-                if scale.dtype is not torch.float32 or scale.device != device:
-                    return False
-                if index in (3, 4):  # per-token-head scale caches
-                    if (scale.shape[0] != key_cache.shape[0] or scale.shape[1:] != self.scale_shape
-                            or scale.dim() != 3 or not scale.is_contiguous()):
+                    if needed:
                         return False
-                elif index in (5, 6):  # alibi slopes, sinks
-                    if scale.dim() != 1 or scale.shape[0] != self.heads:
+                    continue
+                if not needed or scale.dtype is not torch.float32 or scale.device != device:
+                    return False
+                shape = scale.shape
+                if index == 3 or index == 4:  # per-token-head scale caches
+                    if (len(shape) != 3 or shape[0] != k_shape[0] or shape[1] != block_size or shape[2] != kv_heads
+                            or not scale.is_contiguous()):
+                        return False
+                elif index == 5 or index == 6:  # alibi slopes, sinks
+                    if len(shape) != 1 or shape[0] != heads:
                         return False
                 elif scale.numel() != 1:
                     return False
             if out is not None:
-                if (out.dtype is not self.out_dtype or out.shape != q.shape or out.device != device
+                if (out.dtype is not self.out_dtype or out.shape != q_shape or out.device != device
                         or not out.is_contiguous()):
                     return False
                 start = out.data_ptr()
