@@ -313,7 +313,8 @@ def summary_markdown(results: list[Result], limits: dict, env: dict) -> str:
     return "\n".join(head + notes + lines) + "\n"
 
 
-def plot(results: list[Result], out_dir: str) -> None:
+def plot(results: list[Result], out_dir: str, suffix: str = "") -> None:
+    """Horizontal bars, one group per (case, dtypes, block size), one bar per backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,26 +322,28 @@ def plot(results: list[Result], out_dir: str) -> None:
 
     ok = [r for r in results if r.status == "ok"]
     for metric, kinds, label, filename in (
-        ("tb_per_s", ("decode", "mixed"), "KV read bandwidth (TB/s)", "bandwidth.png"),
-        ("tflops", ("prefill",), "TFLOP/s", "tflops.png"),
+        ("tb_per_s", ("decode", "mixed"), "KV-cache read bandwidth (TB/s)", "bandwidth"),
+        ("tflops", ("prefill",), "TFLOP/s (causal: visible pairs only)", "tflops"),
     ):
         rows = [r for r in ok if r.kind in kinds]
         if not rows:
             continue
-        groups = sorted({(r.case, r.dtypes, r.block_size) for r in rows}, key=str)
+        groups = list(dict.fromkeys((r.case, r.dtypes, r.block_size) for r in rows))
         backends = sorted({r.backend for r in rows})
-        fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(groups) * len(backends)), 5))
-        width = 0.8 / len(backends)
+        height = 0.8 / len(backends)
+        fig, ax = plt.subplots(figsize=(9, 0.35 * len(groups) * len(backends) + 1.2))
         for i, backend in enumerate(backends):
             values = [next((getattr(r, metric) for r in rows if (r.case, r.dtypes, r.block_size) == g
                             and r.backend == backend), 0) for g in groups]
-            ax.bar([x + i * width for x in range(len(groups))], values, width, label=backend)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
-        ax.set_xticklabels([f"{c}\n{d} bs{b}" for c, d, b in groups], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel(label)
-        ax.legend()
+            ax.barh([y + i * height for y in range(len(groups))], values, height, label=backend)
+        ax.set_yticks([y + 0.4 - height / 2 for y in range(len(groups))])
+        ax.set_yticklabels([f"{c} {d} bs{b}" for c, d, b in groups], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(loc="lower right")
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, filename), dpi=110)
+        fig.savefig(os.path.join(out_dir, f"{filename}{suffix}.png"), dpi=100)
         plt.close(fig)
 
 
