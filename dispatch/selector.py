@@ -136,16 +136,30 @@ def _effective(config: AttentionConfig, override: Override) -> tuple[str, tuple[
     return requested, tuple(order)
 
 
+def _walk(requested: str, order: Sequence[str],
+          report_of: Callable[[str], BackendReport]) -> tuple[Optional[BackendReport], list[BackendReport]]:
+    """The selection rule, shared by select() and explain(): (the chosen backend's report or None,
+    the reports of the backends refused on the way). A named backend is the only one tried."""
+    if requested != "auto":
+        report = report_of(requested)
+        return (report, []) if report.supported else (None, [report])
+    skipped = []
+    for name in order:
+        report = report_of(name)
+        if report.supported:
+            return report, skipped
+        skipped.append(report)
+    return None, skipped
+
+
 def explain(config: AttentionConfig, device: DeviceLike = None) -> Explanation:
     """Every registered backend, supported or not, with all its reasons."""
     info = resolve_device(device)
     requested, order = _effective(config, current_override())
     reports = tuple(_report(name, config, info) for name in registry.backend_names())
-    if requested == "auto":
-        chosen = next((r.name for name in order for r in reports if r.name == name and r.supported), None)
-    else:
-        chosen = requested if any(r.name == requested and r.supported for r in reports) else None
-    return Explanation(config, info, requested, order, reports, chosen)
+    by_name = {r.name: r for r in reports}
+    chosen, _ = _walk(requested, order, by_name.__getitem__)
+    return Explanation(config, info, requested, order, reports, chosen.name if chosen else None)
 
 
 def format_refusal(headline: str, config: AttentionConfig, device: DeviceInfo, refused: Sequence[BackendReport]) -> str:
@@ -172,29 +186,15 @@ registry.on_change(clear_cache)
 def _decide(config: AttentionConfig, device: DeviceInfo, override: Override) -> Plan:
     """The decision itself: pure, no logging, no caching."""
     requested, order = _effective(config, override)
-    if requested != "auto":
-        report = _report(requested, config, device)
-        if not report.supported:
-            raise UnsupportedConfigError(
-                format_refusal(f"Backend {requested!r} cannot run this config (no fallback for a named backend):",
-                               config, device, [report]),
-                {report.name: list(report.reasons)},
-            )
-        entry = registry.get_backend(requested)
-        return Plan(entry.name, config, device, entry.capability, entry.forward)
-
-    skipped: list[BackendReport] = []
-    for name in order:
-        report = _report(name, config, device)
-        if report.supported:
-            entry = registry.get_backend(name)
-            return Plan(name, config, device, entry.capability, entry.forward,
-                        tuple((s.name, s.reasons) for s in skipped))
-        skipped.append(report)
-    raise UnsupportedConfigError(
-        format_refusal("No attention backend can run this config:", config, device, skipped),
-        {s.name: list(s.reasons) for s in skipped},
-    )
+    chosen, refused = _walk(requested, order, lambda name: _report(name, config, device))
+    if chosen is None:
+        headline = (f"Backend {requested!r} cannot run this config (no fallback for a named backend):"
+                    if requested != "auto" else "No attention backend can run this config:")
+        raise UnsupportedConfigError(format_refusal(headline, config, device, refused),
+                                     {r.name: list(r.reasons) for r in refused})
+    entry = registry.get_backend(chosen.name)
+    return Plan(entry.name, config, device, entry.capability, entry.forward,
+                tuple((r.name, r.reasons) for r in refused))
 
 
 def select(config: AttentionConfig, device: DeviceLike = None) -> Plan:
