@@ -34,7 +34,7 @@ def documented_capabilities() -> list[tuple[str, Capability]]:
     """
     rows = []
     for name in registry.backend_names():
-        target = registry._BUILTIN.get(name)
+        target = registry.builtin_modules().get(name)
         if target is None:
             continue
         module = importlib.import_module(target)

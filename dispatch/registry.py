@@ -35,8 +35,9 @@ _BUILTIN = {
     "flash_attn": "backends.flash_attn",
     "sdpa": "backends.sdpa",
 }
+_DEFAULT_ORDER = ("triton", "flash_attn", "sdpa")
 _targets: dict[str, "str | BackendEntry"] = dict(_BUILTIN)
-_order: list[str] = ["triton", "flash_attn", "sdpa"]
+_order: list[str] = list(_DEFAULT_ORDER)
 _loaded: dict[str, BackendEntry] = {}
 _load_errors: dict[str, str] = {}
 _lock = threading.RLock()
@@ -91,6 +92,11 @@ def unregister_backend(name: str) -> None:
         _load_errors.pop(name, None)
         if name in _BUILTIN:
             _targets[name] = _BUILTIN[name]
+            # Back to its default place too (a registration with position= may have moved it).
+            if name in _order:
+                _order.remove(name)
+            before = [n for n in _DEFAULT_ORDER[: _DEFAULT_ORDER.index(name)] if n in _order]
+            _order.insert(_order.index(before[-1]) + 1 if before else 0, name)
         else:
             _targets.pop(name, None)
             if name in _order:
@@ -102,6 +108,11 @@ def backend_names() -> tuple[str, ...]:
     """Every registered name: the auto order first, then the rest alphabetically."""
     with _lock:
         return tuple(_order) + tuple(sorted(set(_targets) - set(_order)))
+
+
+def builtin_modules() -> dict[str, str]:
+    """name -> module path of the backends that ship with the project (the README documents these)."""
+    return dict(_BUILTIN)
 
 
 def default_order() -> tuple[str, ...]:

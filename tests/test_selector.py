@@ -188,3 +188,10 @@ def test_import_dispatch_loads_no_kernel():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unregistering_a_moved_builtin_restores_its_place():
+    registry.register_backend("sdpa", capability=_capability(), forward=_fake_forward(6), position=0)
+    assert dispatch.default_order()[0] == "sdpa"
+    registry.unregister_backend("sdpa")
+    assert dispatch.default_order() == ("triton", "flash_attn", "sdpa")
