@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from typing import Optional
+
 import torch
 
 from dispatch.config import FP8_DTYPES, AttentionConfig, KVQuantMode, canonical_dtype_name
@@ -223,6 +225,32 @@ def output_as_real(out: torch.Tensor, config: AttentionConfig, inputs: Attention
 
 
 
+def gather_sequence(cache: torch.Tensor, table_row: torch.Tensor, kv_len: int, config: AttentionConfig):
+    """[num_blocks, block_size, H_kv, D] -> one sequence's first kv_len tokens, each KV head repeated
+    for the query heads of its group: [kv_len, H, D]."""
+    pages = table_row[: math.ceil(kv_len / config.block_size)].long()
+    return cache[pages].flatten(0, 1)[:kv_len].repeat_interleave(config.num_queries_per_kv, dim=1)
+
+
+def apply_score_rules(scores: torch.Tensor, kv_len: int, config: AttentionConfig,
+                      alibi_slopes: Optional[torch.Tensor]) -> torch.Tensor:
+    """Scaled scores [H, q_len, kv_len] -> softcap, ALiBi, then -inf where a key is not visible
+    (bottom-right causal, sliding window), in the dtype of `scores`."""
+    q_len = scores.shape[-2]
+    if config.logits_soft_cap is not None:
+        scores = config.logits_soft_cap * torch.tanh(scores / config.logits_soft_cap)
+    pos = torch.arange(kv_len - q_len, kv_len)[:, None]
+    key = torch.arange(kv_len)[None, :]
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes.to(scores.dtype)[:, None, None] * (key - pos).to(scores.dtype)
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool)
+    if config.causal:
+        visible &= key <= pos
+    if config.sliding_window is not None:
+        visible &= pos - key < config.sliding_window
+    return scores.masked_fill(~visible, float("-inf"))
+
+
 def reference_attention(inputs: AttentionInputs, config: AttentionConfig) -> torch.Tensor:
     """Float64 attention on the CPU, one sequence at a time, vectorized over heads and tokens.
 
@@ -244,7 +272,6 @@ def reference_attention(inputs: AttentionInputs, config: AttentionConfig) -> tor
     starts = inputs.cu_seqlens_q.cpu().tolist()
     kv_lens = inputs.seq_lens.cpu().tolist()
     table = inputs.block_table.cpu().long()
-    group = config.num_queries_per_kv
     out = torch.zeros_like(q)
     slopes = kw["alibi_slopes"].cpu().double() if config.use_alibi else None
     sinks = kw["sinks"].cpu().double() if config.use_sinks else None
@@ -253,22 +280,10 @@ def reference_attention(inputs: AttentionInputs, config: AttentionConfig) -> tor
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        pages = table[seq, : math.ceil(kv_len / config.block_size)]
-        keys = k[pages].flatten(0, 1)[:kv_len].repeat_interleave(group, dim=1)  # [kv_len, H, D]
-        values = v[pages].flatten(0, 1)[:kv_len].repeat_interleave(group, dim=1)
+        keys = gather_sequence(k, table[seq], kv_len, config)  # [kv_len, H, D]
+        values = gather_sequence(v, table[seq], kv_len, config)
         scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end], keys) * config.scale
-        if config.logits_soft_cap is not None:
-            scores = config.logits_soft_cap * torch.tanh(scores / config.logits_soft_cap)
-        pos = torch.arange(kv_len - q_len, kv_len)[:, None]
-        key = torch.arange(kv_len)[None, :]
-        if slopes is not None:
-            scores = scores + slopes[:, None, None] * (key - pos).double()
-        visible = torch.ones(q_len, kv_len, dtype=torch.bool)
-        if config.causal:
-            visible &= key <= pos
-        if config.sliding_window is not None:
-            visible &= pos - key < config.sliding_window
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = apply_score_rules(scores, kv_len, config, slopes)
         logits = scores if sinks is None else torch.cat([scores, sinks[:, None, None].expand(-1, q_len, 1)], -1)
         probs = torch.softmax(logits, dim=-1)[..., :kv_len]
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, values)

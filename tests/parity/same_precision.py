@@ -11,12 +11,10 @@ their PV dot. The result is rounded to the output dtype like a backend's.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from dispatch.config import AttentionConfig
-from dispatch.testing import AttentionInputs, output_as_real
+from dispatch.testing import AttentionInputs, apply_score_rules, gather_sequence, output_as_real
 
 
 def _real(stored, scale=None, token_scales=None) -> torch.Tensor:
@@ -38,29 +36,16 @@ def same_precision_attention(inputs: AttentionInputs, config: AttentionConfig) -
     v = _real(inputs.value_cache.cpu(), kw.get("v_scale"), kw.get("v_scale_cache")).to(dtype)
     starts = inputs.cu_seqlens_q.cpu().tolist()
     table = inputs.block_table.cpu().long()
-    group = config.num_queries_per_kv
     out = torch.zeros(q.shape, dtype=torch.float32)
     for seq, kv_len in enumerate(inputs.seq_lens.cpu().tolist()):
         q_start, q_end = starts[seq], starts[seq + 1]
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        pages = table[seq, : math.ceil(kv_len / config.block_size)]
-        keys = k[pages].flatten(0, 1)[:kv_len].repeat_interleave(group, dim=1).transpose(0, 1)  # [H, kv, D]
-        values = v[pages].flatten(0, 1)[:kv_len].repeat_interleave(group, dim=1).transpose(0, 1)
+        keys = gather_sequence(k, table[seq], kv_len, config).transpose(0, 1)  # [H, kv, D]
+        values = gather_sequence(v, table[seq], kv_len, config).transpose(0, 1)
         scores = torch.matmul(q[q_start:q_end].transpose(0, 1), keys.transpose(1, 2)).float() * config.scale
-        if config.logits_soft_cap is not None:
-            scores = config.logits_soft_cap * torch.tanh(scores / config.logits_soft_cap)
-        pos = torch.arange(kv_len - q_len, kv_len)[:, None]
-        key = torch.arange(kv_len)[None, :]
-        if config.use_alibi:
-            scores = scores + kw["alibi_slopes"].float()[:, None, None] * (key - pos)
-        visible = torch.ones(q_len, kv_len, dtype=torch.bool)
-        if config.causal:
-            visible &= key <= pos
-        if config.sliding_window is not None:
-            visible &= pos - key < config.sliding_window
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = apply_score_rules(scores, kv_len, config, kw.get("alibi_slopes"))
         row_max = scores.amax(-1, keepdim=True)
         if config.use_sinks:
             row_max = torch.maximum(row_max, kw["sinks"].float()[:, None, None])
