@@ -12,26 +12,38 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import subprocess
 import sys
 
 import torch
 
-from benchmarks.attention import DTYPES, HEAD_SIZE, HEADS, KV_HEADS, SHAPES, Timer, kv_bytes_read
+from benchmarks.attention import DTYPES, HEAD_SIZE, HEADS, KV_HEADS, SHAPES, Timer, kv_bytes_read, visible_pairs
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_tiles", description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="decode-64x8k", choices=list(SHAPES))
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "bf16q-fp8kv", "fp8q-fp8kv", "bf16q-int8kv-pth"],
-                        choices=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-m", nargs="+", type=int, default=None,
+                        help="query-tile rows (default: choose_tiles' choice for the case)")
     parser.add_argument("--tile-n", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--stages", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile the variants in this many processes first (Triton's disk cache keeps them)")
+    parser.add_argument("--shard", type=int, nargs=2, default=None, metavar=("I", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.tune_tiles needs a CUDA device")
         return 2
+    if args.jobs > 1 and args.shard is None:
+        # Compiling dominates a sweep (seconds per variant, one CPU core each); timing must stay serial.
+        own = list(argv if argv is not None else sys.argv[1:])
+        workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.tune_tiles", *own, "--shard", str(i),
+                                     str(args.jobs)], stdout=subprocess.DEVNULL) for i in range(args.jobs)]
+        for worker in workers:
+            worker.wait()
 
     import dispatch
     from backends.triton import launcher
@@ -40,8 +52,8 @@ def main(argv=None) -> int:
     timer = Timer("cuda", warmup=3, runs=20)
     kind, q_lens, kv_lens = SHAPES[args.case]
     print(f"case {args.case}, block size {args.block_size}, {torch.cuda.get_device_name()}")
-    print("| dtypes | tile_n | warps | stages | median ms | TB/s | max |diff| vs default |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtypes | block_m | tile_n | warps | stages | median ms | rate | max |diff| vs default |")
+    print("|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         config = dispatch.AttentionConfig(num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
                                           block_size=args.block_size, backend="triton", **DTYPES[dtype_name])
@@ -49,24 +61,37 @@ def main(argv=None) -> int:
                              generate_on_device=True)
         kwargs = dict(inputs.kwargs)
         default = launcher.unified_attention(*inputs.args, config=config, **kwargs).float()
+        torch.cuda.synchronize()
         decode = launcher.is_decode_shaped(sum(q_lens), len(q_lens))
         base = launcher.choose_tiles(HEAD_SIZE, HEADS // KV_HEADS, config.q_is_fp8, decode)
         rows = []
-        for tile_n, warps, stages in itertools.product(args.tile_n, args.warps, args.stages):
-            tiles = launcher.Tiles(block_m=base.block_m, tile_n=tile_n, num_warps=warps, num_stages=stages)
+        variants = itertools.product(args.block_m or [base.block_m], args.tile_n, args.warps, args.stages)
+        for index, (block_m, tile_n, warps, stages) in enumerate(variants):
+            tiles = launcher.Tiles(block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages)
+            if args.shard is not None:
+                if index % args.shard[1] == args.shard[0]:
+                    try:  # compile only; errors are reported by the timing pass
+                        launcher.unified_attention(*inputs.args, config=config, tiles=tiles, **kwargs)
+                    except Exception:
+                        pass
+                continue
             try:
                 out = launcher.unified_attention(*inputs.args, config=config, tiles=tiles, **kwargs)
                 diff = float((out.float() - default).abs().max())
                 ms = statistics.median(timer(lambda: launcher.unified_attention(*inputs.args, config=config,
                                                                                    tiles=tiles, **kwargs)))
             except Exception as exc:  # a variant that does not compile is reported, not hidden
-                print(f"| {dtype_name} | {tile_n} | {warps} | {stages} | error: {type(exc).__name__} | | |")
+                print(f"| {dtype_name} | {block_m} | {tile_n} | {warps} | {stages} | error: {type(exc).__name__} | | |")
                 continue
-            rows.append((ms, tile_n, warps, stages, diff))
-        for ms, tile_n, warps, stages, diff in sorted(rows):
-            mark = " (default)" if (tile_n, warps, stages) == (base.tile_n, base.num_warps, base.num_stages) else ""
-            tb = kv_bytes_read(config, kv_lens) / (ms / 1e3) / 1e12
-            print(f"| {dtype_name} | {tile_n} | {warps} | {stages}{mark} | {ms:.3f} | {tb:.2f} | {diff:.2e} |")
+            rows.append((ms, block_m, tile_n, warps, stages, diff))
+        for ms, block_m, tile_n, warps, stages, diff in sorted(rows):
+            mark = " (default)" if launcher.Tiles(block_m, tile_n, warps, stages) == base else ""
+            if kind == "decode":
+                rate = f"{kv_bytes_read(config, kv_lens) / (ms / 1e3) / 1e12:.2f} TB/s"
+            else:
+                rate = f"{4 * visible_pairs(q_lens, kv_lens) * HEADS * HEAD_SIZE / (ms / 1e3) / 1e12:.1f} TFLOP/s"
+            print(f"| {dtype_name} | {block_m} | {tile_n} | {warps} | {stages}{mark} | {ms:.3f} | {rate} | {diff:.2e} |",
+                  flush=True)
     return 0
 
 

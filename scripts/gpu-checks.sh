@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one pass, logs under $OUT (default ./gpu-out).
-# Usage on a CUDA machine, from the repository root:  bash scripts/gpu-checks.sh [tests|parity|selftest|bench|overhead|all]...
+# Usage on a CUDA machine, from the repository root:
+#   bash scripts/gpu-checks.sh [tests|parity|selftest|bench|overhead|tune|all]...
 # Where the tree was copied without .git, set DISPATCH_COMMIT so the reports name the commit.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -29,6 +30,12 @@ if has selftest; then
 fi
 if has overhead; then
   python3 -m benchmarks.overhead --device cuda 2>&1 | tee "$OUT/overhead.md"
+fi
+if [[ " $steps " == *" tune "* ]]; then  # not part of "all": evidence for choose_tiles when the kernel changes
+    python3 -m benchmarks.tune_tiles --case decode-64x8k --tile-n 64 128 --warps 4 8 --stages 2 3 --jobs 12 \
+      2>&1 | tee "$OUT/tune-decode-64x8k.md" | tail -45
+    python3 -m benchmarks.tune_tiles --case prefill-4x4k --dtypes bf16 fp8q-fp8kv --block-m 64 128 --tile-n 64 128 \
+      --warps 4 8 --stages 2 3 --jobs 12 2>&1 | tee "$OUT/tune-prefill-4x4k.md" | tail -40
 fi
 if has bench; then
   python3 -m benchmarks.attention ${BENCH_ARGS:---quick} --out "$OUT/bench" 2>&1 | tail -40

@@ -27,7 +27,7 @@ def _cpu_needs_interpreter(config: AttentionConfig, device: DeviceInfo) -> list[
 
 
 def _interpreter_numerics(config: AttentionConfig, device: DeviceInfo) -> list[str]:
-    """On the CPU, no bfloat16 and no fp8 output: the interpreter computes them wrongly (triton 3.9).
+    """On the CPU, no bfloat16 dots or outputs and no fp8 output: the interpreter computes them wrongly (triton 3.9).
 
     Measured with triton 3.9; re-check on upgrade. The kernel is right on the GPU for all of
     these; on CPU they are refused rather than wrong.
@@ -35,7 +35,13 @@ def _interpreter_numerics(config: AttentionConfig, device: DeviceInfo) -> list[s
     if device.type != "cpu":
         return []
     problems = []
-    bf16_fields = [f for f in ("q_dtype", "kv_cache_dtype", "out_dtype") if getattr(config, f) == "bfloat16"]
+    # A bf16 query meets a bf16 dot only with a 16-bit cache: against a quantized cache the kernel
+    # moves it to fp16 first (kernel.py), which the interpreter computes right.
+    bf16_fields = [
+        f
+        for f in ("q_dtype", "kv_cache_dtype", "out_dtype")
+        if getattr(config, f) == "bfloat16" and not (f == "q_dtype" and config.kv_quant_mode != KVQuantMode.NONE)
+    ]
     if bf16_fields:
         problems.append(
             f"{', '.join(f + '=bfloat16' for f in bf16_fields)} not supported on device='cpu': under the Triton "

@@ -132,6 +132,62 @@ def _soft_cap(x, cap):
 
 
 @triton.jit
+def _exponent(x):
+    """floor(log2(|x|)) of a finite fp32 x != 0, read from its exponent bits (exact; 0 and subnormals
+    give -127, inf and NaN give 128)."""
+    return ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def _pow2(e):
+    """2.0 ** e in fp32 for an integer -126 <= e <= 127, assembled from the exponent bits (exact)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int8_to_fp16(x, USE_PTX: tl.constexpr):
+    """int8 -> fp16, exact (|x| <= 128 fits fp16's 11 bits).
+
+    On the GPU four values at a time in five arithmetic instructions: byte ^ 0x80 is x + 128 in [0, 255];
+    a byte permute puts it under the fp16 exponent of 1024 (0x64__ is 1024 + byte), and one fp16x2
+    subtraction of 1152 leaves x. A plain conversion is one I2F per value, on the quarter-rate
+    conversion unit, which held decode of an int8 cache below memory speed. The interpreter has
+    no inline PTX, so there it converts directly (same values).
+    """
+    if USE_PTX:
+        return tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 biased, high, bias;
+            xor.b32 biased, $2, 0x80808080;
+            mov.b32 high, 0x64646464;
+            mov.b32 bias, 0x64806480;
+            prmt.b32 $0, biased, high, 0x5140;
+            prmt.b32 $1, biased, high, 0x7362;
+            sub.f16x2 $0, $0, bias;
+            sub.f16x2 $1, $1, bias;
+            }
+            """,
+            "=r,=r,r",
+            [x],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        return x.to(tl.float16)
+
+
+@triton.jit
+def _to_fp16(x, USE_PTX: tl.constexpr):
+    """A cache tile (fp8 or int8) to fp16, exactly."""
+    if x.dtype == tl.int8:
+        return _int8_to_fp16(x, USE_PTX)
+    else:
+        return x.to(tl.float16)  # fp8 -> fp16: one cvt per two values on sm_89+
+
+
+@triton.jit
 def _finish_output(acc, row_sum, V_scale, Output_scale, out_ty: tl.constexpr, KV_QUANT: tl.constexpr,
                    OUT_FP8: tl.constexpr):
     """acc / row_sum with the epilogue scales, cast to the output dtype; row_sum broadcasts against acc."""
@@ -145,6 +201,104 @@ def _finish_output(acc, row_sum, V_scale, Output_scale, out_ty: tl.constexpr, KV
     if OUT_FP8:
         out = tl.minimum(tl.maximum(out, -FP8_E4M3_MAX), FP8_E4M3_MAX)
     return out.to(out_ty)
+
+
+@triton.jit
+def _attend_kv_tile(
+    acc, m_i, l_i, acc_exp,  # running state of the online softmax
+    q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head, block_table_row,  #
+    K_cache, V_cache, K_scale_cache, V_scale_cache,  #
+    stride_kb, stride_ks, stride_kh, stride_kd,  #
+    stride_vb, stride_vs, stride_vh, stride_vd,  #
+    stride_kscb, stride_kscs, stride_ksch,  #
+    stride_vscb, stride_vscs, stride_vsch,  #
+    qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,  #
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr,  #
+    KV_QUANT: tl.constexpr, Q_FP8: tl.constexpr, PV_DTYPE: tl.constexpr,  #
+    IS_CAUSAL: tl.constexpr, USE_SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,  #
+    USE_ALIBI: tl.constexpr, USE_PTX: tl.constexpr, MASKED: tl.constexpr,  #
+):
+    """One KV tile of TILE_N keys: scores, online-softmax update, acc += P V.
+
+    MASKED=False is for interior tiles, whose keys all lie in [kv_begin, kv_end) and are visible to
+    every row of the query tile: they skip the key masks, the visibility mask and the guard for rows
+    that have seen nothing yet (most of a long sequence's tiles). MASKED=True handles everything.
+    """
+    PER_TOKEN_HEAD: tl.constexpr = KV_QUANT == KV_QUANT_FP8_PER_TOKEN_HEAD or KV_QUANT == KV_QUANT_INT8_PER_TOKEN_HEAD
+    offs_n = kv_tile * TILE_N + tl.arange(0, TILE_N)
+    if MASKED:
+        key_valid = (offs_n >= kv_begin) & (offs_n < kv_end)
+        page = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=key_valid, other=0)
+    else:
+        key_valid = offs_n < kv_end  # all true here; used only by the HEAD_SIZE-padded loads
+        page = tl.load(block_table_row + offs_n // BLOCK_SIZE)
+    page = page.to(tl.int64)
+    slot = offs_n % BLOCK_SIZE
+    k_ptrs = K_cache + (page * stride_kb + slot * stride_ks + kv_head * stride_kh)[None, :] + offs_d[:, None] * stride_kd
+    v_ptrs = V_cache + (page * stride_vb + slot * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :] * stride_vd
+    if MASKED or HEAD_SIZE != HEAD_SIZE_PADDED:
+        k = tl.load(k_ptrs, mask=d_valid[:, None] & key_valid[None, :], other=0.0)  # [HEAD_SIZE_PADDED, TILE_N]
+        v = tl.load(v_ptrs, mask=key_valid[:, None] & d_valid[None, :], other=0.0)  # [TILE_N, HEAD_SIZE_PADDED]
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+
+    # -- scores S = Q K^T, scaled to real values (log2 domain) --
+    if Q_FP8:
+        s = tl.dot(q, k)  # fp8 operands
+    elif KV_QUANT != KV_QUANT_NONE:
+        s = tl.dot(q, _to_fp16(k, USE_PTX))  # q was brought to fp16 in the prologue; fp8 / int8 -> fp16 is exact
+    else:
+        s = tl.dot(q, k)
+    if PER_TOKEN_HEAD:
+        k_scale = tl.load(K_scale_cache + page * stride_kscb + slot * stride_kscs + kv_head * stride_ksch,
+                          mask=key_valid, other=0.0)
+        s = s * k_scale[None, :]
+    if USE_SOFTCAP:
+        s = _soft_cap(s * qk_scale, logits_soft_cap) * LOG2E
+    else:
+        s = s * (qk_scale * LOG2E)
+    if USE_ALIBI:
+        s += alibi_slope_log2[:, None] * (offs_n[None, :] - pos[:, None]).to(tl.float32)
+    if MASKED:
+        visible = row_valid[:, None] & key_valid[None, :]
+        if IS_CAUSAL:
+            visible = visible & (offs_n[None, :] <= pos[:, None])
+        if USE_SLIDING_WINDOW:
+            visible = visible & (pos[:, None] - offs_n[None, :] < sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+
+    # -- online softmax update --
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    else:
+        m_safe = m_new  # every score is finite, so is the max
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    # -- acc += P V --
+    if PER_TOKEN_HEAD:
+        # v_scale[j] goes into P (one multiply per score, not per V element), and the fp16 P
+        # operand is renormalized by a power of two per tile so that it neither overflows nor
+        # sinks into subnormals: p * v_scale * 2^e < 2^15. acc is kept in units of 2^-acc_exp;
+        # the change of unit rides on alpha (powers of two: exact). The exponent of the tile's
+        # largest scale is clamped to [-60, 60] so that every 2^x here stays a normal fp32.
+        v_scale = tl.load(V_scale_cache + page * stride_vscb + slot * stride_vscs + kv_head * stride_vsch,
+                          mask=key_valid, other=0.0)
+        tile_exp = 14 - tl.minimum(tl.maximum(_exponent(tl.max(tl.abs(v_scale), 0)), -60), 60)
+        alpha = alpha * _pow2(tile_exp - acc_exp)
+        acc_exp = tile_exp
+        p_v = (p * (v_scale * _pow2(tile_exp))[None, :]).to(tl.float16)
+        acc = tl.dot(p_v, _to_fp16(v, USE_PTX), acc * alpha[:, None])
+    elif KV_QUANT == KV_QUANT_NONE and not Q_FP8:
+        acc = tl.dot(p.to(PV_DTYPE), v, acc * alpha[:, None])
+    else:
+        # fp8 per-tensor cache: P in fp16 (relative error <= 2^-11), V converted to fp16 exactly;
+        # v_scale is applied in the epilogue.
+        acc = tl.dot(p.to(tl.float16), _to_fp16(v, USE_PTX), acc * alpha[:, None])
+    return acc, m_new, l_i, acc_exp
 
 
 @triton.jit
@@ -169,6 +323,7 @@ def unified_attention_kernel(
     KV_QUANT: tl.constexpr, Q_FP8: tl.constexpr, OUT_FP8: tl.constexpr,  #
     IS_CAUSAL: tl.constexpr, USE_SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,  #
     USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr, SPLIT_KV: tl.constexpr,  #
+    USE_PTX: tl.constexpr,  # inline PTX allowed (compiled for a GPU, not the interpreter)
 ):
     tl.static_assert(BLOCK_Q * NUM_QUERIES_PER_KV <= BLOCK_M)
     tl.static_assert(BLOCK_Q >= 1)
@@ -180,6 +335,7 @@ def unified_attention_kernel(
         # An fp8 tensor-core dot (Q @ K^T) needs a reduction dimension of at least 32.
         tl.static_assert(HEAD_SIZE_PADDED >= 32)
         tl.static_assert(KV_QUANT == KV_QUANT_FP8_PER_TENSOR)
+    PER_TOKEN_HEAD: tl.constexpr = KV_QUANT == KV_QUANT_FP8_PER_TOKEN_HEAD or KV_QUANT == KV_QUANT_INT8_PER_TOKEN_HEAD
 
     tile_index = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -207,32 +363,51 @@ def unified_attention_kernel(
     )
     pos = kv_len - q_len + q_index  # each row's position among the keys (bottom-right alignment)
 
+    # ---- scales ---------------------------------------------------------------------------
+    qk_scale = softmax_scale
+    if Q_FP8:
+        qk_scale = qk_scale * tl.load(Q_scale)
+    if KV_QUANT == KV_QUANT_FP8_PER_TENSOR:
+        qk_scale = qk_scale * tl.load(K_scale)
+    if KV_QUANT != KV_QUANT_NONE and not Q_FP8:
+        if Q.dtype.element_ty == tl.bfloat16:
+            # Dots against a quantized cache run on fp16 operands (fp8 and int8 convert to fp16 in
+            # one exact instruction; to bf16 they need three). bf16 q moves to fp16 exactly after a
+            # power-of-two rescale that puts the tile's largest |q| in [2^14, 2^15): fp16 keeps all 8
+            # bits of every element down to 2^-31 of that largest one. The factor comes back out of
+            # the score scale. inf or NaN in q stays inf or NaN.
+            q_exp = 14 - tl.maximum(_exponent(tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)), -100)
+            q = (q.to(tl.float32) * _pow2(q_exp)).to(tl.float16)
+            qk_scale = qk_scale * _pow2(-q_exp)
+    if USE_ALIBI:
+        alibi_slope_log2 = tl.load(Alibi_slopes + head) * LOG2E
+    else:
+        alibi_slope_log2 = 0.0
+
     # ---- the keys this tile can see ------------------------------------------------------
     first_pos = kv_len - q_len + q_tile * BLOCK_Q
     if IS_CAUSAL:
         kv_end = tl.minimum(first_pos + BLOCK_Q, kv_len)
+        full_end = first_pos + 1  # keys up to the first row's position are visible to every row
     else:
         kv_end = kv_len
+        full_end = kv_len
     if USE_SLIDING_WINDOW:
         kv_begin = tl.maximum(first_pos - sliding_window + 1, 0)
+        last_pos = tl.minimum(first_pos + BLOCK_Q - 1, kv_len - 1)
+        full_begin = tl.maximum(last_pos - sliding_window + 1, 0)  # ... and keys in the last row's window
     else:
         kv_begin = 0
+        full_begin = 0
     tile_begin = kv_begin // TILE_N
     tile_end = tl.cdiv(kv_end, TILE_N)
     if SPLIT_KV:
         tiles_per_split = tl.cdiv(tile_end - tile_begin, tl.num_programs(2))
         tile_begin = tile_begin + tl.program_id(2) * tiles_per_split
         tile_end = tl.minimum(tile_end, tile_begin + tiles_per_split)
-
-    # ---- scales ---------------------------------------------------------------------------
-    score_scale = softmax_scale
-    if Q_FP8:
-        score_scale = score_scale * tl.load(Q_scale)
-    if KV_QUANT == KV_QUANT_FP8_PER_TENSOR:
-        score_scale = score_scale * tl.load(K_scale)
-    score_scale_log2 = score_scale * LOG2E
-    if USE_ALIBI:
-        alibi_slope_log2 = tl.load(Alibi_slopes + head) * LOG2E
+    # Interior tiles [full_tile_begin, full_tile_end) need no masks; the edges around them do.
+    full_tile_begin = tl.minimum(tl.maximum(tl.cdiv(full_begin, TILE_N), tile_begin), tile_end)
+    full_tile_end = tl.minimum(tl.maximum(full_end // TILE_N, full_tile_begin), tile_end)
 
     # ---- online softmax state -------------------------------------------------------------
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -242,76 +417,38 @@ def unified_attention_kernel(
             m_i = tl.load(Sinks + head).to(tl.float32) * LOG2E
             l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_SIZE_PADDED], dtype=tl.float32)
+    acc_exp = 0  # acc is in units of 2^-acc_exp (per-token-head caches; see _attend_kv_tile)
 
     block_table_row = Block_table + seq.to(tl.int64) * stride_bts
-    for kv_tile in range(tile_begin, tile_end):
-        offs_n = kv_tile * TILE_N + tl.arange(0, TILE_N)
-        key_valid = (offs_n >= kv_begin) & (offs_n < kv_end)
-        page = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
-        slot = offs_n % BLOCK_SIZE
-        k_offs = page * stride_kb + slot * stride_ks + kv_head * stride_kh
-        v_offs = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-        k = tl.load(
-            K_cache + k_offs[None, :] + offs_d[:, None] * stride_kd,
-            mask=d_valid[:, None] & key_valid[None, :],
-            other=0.0,
-        )  # [HEAD_SIZE_PADDED, TILE_N]
-        v = tl.load(
-            V_cache + v_offs[:, None] + offs_d[None, :] * stride_vd,
-            mask=key_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        )  # [TILE_N, HEAD_SIZE_PADDED]
-
-        # -- scores S = Q K^T, scaled to real values (log2 domain) --
-        if KV_QUANT != KV_QUANT_NONE:
-            if not Q_FP8:
-                k = k.to(Q.dtype.element_ty)  # exact for fp8 and int8 values
-        s = tl.dot(q, k)
-        if KV_QUANT == KV_QUANT_FP8_PER_TOKEN_HEAD or KV_QUANT == KV_QUANT_INT8_PER_TOKEN_HEAD:
-            k_scale = tl.load(
-                K_scale_cache + page * stride_kscb + slot * stride_kscs + kv_head * stride_ksch,
-                mask=key_valid,
-                other=0.0,
-            )
-            s = s * k_scale[None, :]
-        if USE_SOFTCAP:
-            s = _soft_cap(s * score_scale, logits_soft_cap) * LOG2E
-        else:
-            s = s * score_scale_log2
-        if USE_ALIBI:
-            s += alibi_slope_log2[:, None] * (offs_n[None, :] - pos[:, None]).to(tl.float32)
-
-        visible = row_valid[:, None] & key_valid[None, :]
-        if IS_CAUSAL:
-            visible = visible & (offs_n[None, :] <= pos[:, None])
-        if USE_SLIDING_WINDOW:
-            visible = visible & (pos[:, None] - offs_n[None, :] < sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-
-        # -- online softmax update --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        acc = acc * alpha[:, None]
-
-        # -- acc += P V --
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if Q_FP8:
-            # 16-bit P @ V (see the docstring); e4m3 -> fp16 is exact, v_scale is applied in the epilogue.
-            acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
-        else:
-            if KV_QUANT == KV_QUANT_FP8_PER_TOKEN_HEAD or KV_QUANT == KV_QUANT_INT8_PER_TOKEN_HEAD:
-                v_scale = tl.load(
-                    V_scale_cache + page * stride_vscb + slot * stride_vscs + kv_head * stride_vsch,
-                    mask=key_valid,
-                    other=0.0,
-                )
-                v = (v.to(tl.float32) * v_scale[:, None]).to(Q.dtype.element_ty)
-            elif KV_QUANT == KV_QUANT_FP8_PER_TENSOR:
-                v = v.to(Q.dtype.element_ty)  # exact; v_scale is applied in the epilogue
-            acc = tl.dot(p.to(Q.dtype.element_ty), v, acc)
-        m_i = m_new
+    for kv_tile in range(tile_begin, full_tile_begin):
+        acc, m_i, l_i, acc_exp = _attend_kv_tile(
+            acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
+            block_table_row, K_cache, V_cache, K_scale_cache, V_scale_cache,
+            stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+            stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
+            qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
+            BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, True)
+    for kv_tile in range(full_tile_begin, full_tile_end):
+        acc, m_i, l_i, acc_exp = _attend_kv_tile(
+            acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
+            block_table_row, K_cache, V_cache, K_scale_cache, V_scale_cache,
+            stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+            stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
+            qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
+            BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, False)
+    for kv_tile in range(full_tile_end, tile_end):
+        acc, m_i, l_i, acc_exp = _attend_kv_tile(
+            acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
+            block_table_row, K_cache, V_cache, K_scale_cache, V_scale_cache,
+            stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+            stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
+            qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
+            BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, True)
+    if PER_TOKEN_HEAD:
+        acc = acc * _pow2(-acc_exp)
 
     # ---- epilogue -------------------------------------------------------------------------
     store_mask = row_valid[:, None] & d_valid[None, :]

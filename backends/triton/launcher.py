@@ -235,6 +235,7 @@ def unified_attention(
         *out.stride(),  #
         *partial_strides,  #
         SPLIT_KV=split_kv,
+        USE_PTX=q.device.type == "cuda",
         **plan.constexprs,
     )
     if split_kv:

@@ -6,10 +6,11 @@ sizes and bfloat16 on a GPU.
 
 Tolerances come from the arithmetic, not from observed errors:
 - P is rounded to fp16 before the P @ V dot (relative error <= 2^-11 per
-  probability; the FP8-query path too, see kernel.py), and the per-token-head
-  modes also round each dequantized V element to fp16 (<= 2^-11). Each moves
-  the weighted average by at most 2^-11 * max|V|, so atol = 2^-10 * max|V|
-  (both), and the fp16 output cast adds rtol = 2^-11. Products of the stored
+  probability; the FP8-query path too, see kernel.py); the per-token-head
+  modes round P * v_scale[j] to fp16 instead (also <= 2^-11), and a bf16
+  query against a quantized cache is moved to fp16 exactly. Each rounding
+  moves the weighted average by at most 2^-11 * max|V|, so atol = 2^-10 *
+  max|V|, and the fp16 output cast adds rtol = 2^-11. Products of the stored
   values are exact and sums run in fp32 (~1e-7, ignored).
 - fp8 output: the e4m3 cast rounds to within 2^-4 relative (half an ulp), plus
   half the smallest subnormal (2^-10) times output_scale.
@@ -215,9 +216,13 @@ def test_capability_refuses_what_the_interpreter_computes_wrongly():
     fp8_q_default_out = fp8_q_config(out_dtype=None)  # bfloat16
     fp8_out = make_config(out_dtype="float8_e4m3fn")
     assert reasons(cap, bf16, cpu) == [
-        "q_dtype=bfloat16, out_dtype=bfloat16 not supported on device='cpu': under the Triton interpreter bfloat16 "
+        "out_dtype=bfloat16 not supported on device='cpu': under the Triton interpreter bfloat16 "
         "dots multiply raw bit patterns (triton issue 11584) and fp32->bfloat16 casts truncate"
     ]
+    # Against a quantized cache a bf16 query is moved to fp16 before any dot: fine on CPU.
+    assert reasons(cap, bf16.model_copy(update={"out_dtype": "float32"}), cpu) == []
+    assert [r[:30] for r in reasons(cap, make_config(q_dtype="bfloat16", kv_cache_dtype="bfloat16",
+                                                     out_dtype="float32"), cpu)] == ["q_dtype=bfloat16, kv_cache_dty"]
     assert reasons(cap, fp8_q, cpu) == []
     assert [r[:40] for r in reasons(cap, fp8_q_default_out, cpu)] == ["out_dtype=bfloat16 not supported on devi"]
     assert [r[:40] for r in reasons(cap, fp8_out, cpu)] == ["out_dtype=float8_e4m3fn not supported on"]
@@ -277,12 +282,17 @@ def _mode_feature_params():
     for mode_id, q_dtype, kv_dtype, mode in SIXTEEN_BIT_MODES:
         for feature_id, features in FEATURES.items():
             yield pytest.param(q_dtype, kv_dtype, mode, features, id=f"{mode_id}-h32-bs16-{feature_id}")
+    yield pytest.param("bfloat16", "bfloat16", KVQuantMode.NONE, {}, id="none-bf16-h32-bs16-causal", marks=BF16_SKIP)
+    # A bf16 query against a quantized cache is rescaled to fp16 in the kernel (no bf16 dot), so it
+    # runs here; fp32 output avoids the interpreter's truncating fp32 -> bf16 cast.
     for mode_id, kv_dtype, mode in [
-        ("none-bf16", "bfloat16", KVQuantMode.NONE),
         ("fp8_per_tensor-e4m3-bf16", "float8_e4m3fn", KVQuantMode.FP8_PER_TENSOR),
+        ("fp8_per_token_head-e4m3-bf16", "float8_e4m3fn", KVQuantMode.FP8_PER_TOKEN_HEAD),
         ("int8_per_token_head-bf16", "int8", KVQuantMode.INT8_PER_TOKEN_HEAD),
     ]:
-        yield pytest.param("bfloat16", kv_dtype, mode, {}, id=f"{mode_id}-h32-bs16-causal", marks=BF16_SKIP)
+        for feature_id in ("causal", "all"):
+            yield pytest.param("bfloat16", kv_dtype, mode, dict(FEATURES[feature_id], out_dtype="float32"),
+                               id=f"{mode_id}-h32-bs16-{feature_id}-out_fp32")
 
 
 @pytest.mark.parametrize("q_dtype, kv_cache_dtype, kv_quant_mode, features", list(_mode_feature_params()))
@@ -290,6 +300,40 @@ def test_sixteen_bit_query_matches_oracle(q_dtype, kv_cache_dtype, kv_quant_mode
     config = make_config(q_dtype=q_dtype, kv_cache_dtype=kv_cache_dtype, kv_quant_mode=kv_quant_mode, **features)
     inputs = make_inputs(config, Q_LENS, KV_LENS)
     assert_close_to_oracle(run_triton(config, inputs), oracle(config, inputs), **sixteen_bit_tolerance(inputs))
+
+
+@pytest.mark.parametrize("q_exponent", [-40, 24], ids=["q_times_2^-40", "q_times_2^24"])
+@pytest.mark.parametrize(
+    "kv_cache_dtype, kv_quant_mode",
+    [("float8_e4m3fn", KVQuantMode.FP8_PER_TENSOR), ("int8", KVQuantMode.INT8_PER_TOKEN_HEAD)],
+    ids=["fp8_per_tensor", "int8_per_token_head"],
+)
+def test_bf16_query_far_outside_fp16_range(q_exponent, kv_cache_dtype, kv_quant_mode):
+    """A bf16 query against a quantized cache runs on fp16 dots after a power-of-two rescale in the
+    kernel: queries far above fp16's range (2^24 * q overflows fp16) or below its subnormals (2^-40)
+    must still give the exact scores. The softmax scale undoes the query's factor, so the softmax
+    itself sees ordinary scores."""
+    config = make_config(q_dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, kv_quant_mode=kv_quant_mode,
+                         out_dtype="float32", softmax_scale=2.0**-q_exponent / 32**0.5)
+    inputs = make_inputs(config, Q_LENS, KV_LENS)
+    inputs.q.mul_(2.0**q_exponent)  # exact: a power of two, inside bf16's range
+    assert_close_to_oracle(run_triton(config, inputs), oracle(config, inputs), **sixteen_bit_tolerance(inputs))
+
+
+@pytest.mark.parametrize("scale_exponent", [-30, 0, 30])
+def test_per_token_head_scales_far_apart(scale_exponent):
+    """Per-key V scales spread over 2^40 inside one sequence, around 2^-30, 1 and 2^30: P * v_scale is
+    renormalized per tile by a power of two (kernel.py), so no tile overflows or underflows fp16."""
+    config = make_config(kv_cache_dtype="int8", kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD,
+                         out_dtype="float32", num_kv_heads=1)
+    inputs = make_inputs(config, [1, 17], [70, 129], seed=3)
+    v_scales = inputs.kwargs["v_scale_cache"]
+    spread = torch.randint(-20, 21, v_scales.shape, generator=torch.Generator().manual_seed(4))
+    v_scales.mul_(torch.pow(2.0, (spread + scale_exponent).to(torch.float32)))
+    expected = oracle(config, inputs)
+    out = run_triton(config, inputs)
+    # Error bound as for the other 16-bit paths, relative to the largest |V| that a row can see.
+    assert_close_to_oracle(out, expected, **sixteen_bit_tolerance(inputs))
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 4], ids=["gqa4to1", "mha1to1"])
