@@ -19,92 +19,136 @@ import torch
 from dispatch import registry
 from dispatch.config import AttentionConfig, KVQuantMode
 from dispatch.errors import InputError
-from dispatch.overrides import Override, current_override
+from dispatch.overrides import Override, _override
 from dispatch.selector import Plan, select
 
 __all__ = ["attention"]
 
 DEBUG = os.environ.get("DISPATCH_DEBUG", "0") not in ("", "0")
 
+# Bound once: the hot path skips the attribute lookups. torch.compile still recognizes the function itself.
+_is_compiling = torch.compiler.is_compiling
+# The contextvar's bound get(): current_override() without its Python call layer.
+_current_override = _override.get
+
+
 class _CallSpec:
     """What a valid call with one config looks like, precomputed: the hot path's checks.
 
-    `matches()` is a fast, conservative predicate over tensor metadata. When it says
-    no, `check_inputs()` runs and names the problem (or finds none: `matches()` is
+    `fast_check()` is a fast, conservative predicate over tensor metadata. When it says
+    no, `check_inputs()` runs and names the problem (or finds none: `fast_check()` is
     stricter, e.g. it wants whole tensors contiguous where only the last dimension
     must be). The plan for each (tensor device, `dispatch.use()` override) is cached
     here too, in front of select()'s own cache, so a cached call neither hashes the
     config nor resolves the device.
     """
 
-    __slots__ = ("config", "q_dtype", "cache_dtype", "out_dtype", "q_tail", "cache_tail", "needed", "plans")
+    __slots__ = ("config", "q_dtype", "cache_dtype", "out_dtype", "dtypes", "heads", "head_size", "block_size",
+                 "kv_heads", "heads_shape", "q_row_bytes", "out_row_bytes", "page_bytes", "needed", "scalar_scales",
+                 "scale_caches", "head_vectors", "plans", "last_plan")
 
     def __init__(self, config: AttentionConfig):
         mode = config.kv_quant_mode
         self.config = config
         self.q_dtype, self.cache_dtype, self.out_dtype = (config.q_torch_dtype, config.kv_cache_torch_dtype,
                                                           config.out_torch_dtype)
-        self.q_tail = (config.num_heads, config.head_size)
-        self.cache_tail = (config.block_size, config.num_kv_heads, config.head_size)
+        self.dtypes = (self.q_dtype, self.cache_dtype, self.cache_dtype, torch.int32, torch.int32, torch.int32)
+        self.heads, self.head_size = config.num_heads, config.head_size
+        self.block_size, self.kv_heads = config.block_size, config.num_kv_heads
+        self.heads_shape = (config.num_heads,)  # alibi_slopes, sinks
+        # Bytes per token of q and out, and per page of a KV cache: the sizes of contiguous tensors of known shape.
+        self.q_row_bytes = config.num_heads * config.head_size * self.q_dtype.itemsize
+        self.out_row_bytes = config.num_heads * config.head_size * self.out_dtype.itemsize
+        self.page_bytes = config.block_size * config.num_kv_heads * config.head_size * self.cache_dtype.itemsize
         # which of q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale
         self.needed = (config.q_is_fp8, mode is KVQuantMode.FP8_PER_TENSOR, mode is KVQuantMode.FP8_PER_TENSOR,
                        mode.is_per_token_head, mode.is_per_token_head, config.use_alibi, config.use_sinks,
                        config.out_is_fp8)
+        # Which groups of scale checks can apply at all, so a config without them skips the group's code.
+        self.scalar_scales = config.q_is_fp8 or mode is KVQuantMode.FP8_PER_TENSOR or config.out_is_fp8
+        self.scale_caches = mode.is_per_token_head
+        self.head_vectors = config.use_alibi or config.use_sinks
         self.plans: dict[tuple[torch.device, Override], Plan] = {}
+        # (device, override, plan) of the last plan handed out: one tuple, so a reader on another thread sees
+        # a consistent triple. It spares the common call a dict lookup, whose key hashes the Override
+        # dataclass (a Python-level __hash__, more than 100 ns).
+        self.last_plan: tuple = (None, None, None)
 
-    def matches(self, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, scales, out) -> bool:
-        # Written for speed (this is the per-call cost of the dispatcher): shapes are fetched once and
-        # indexed (slicing a torch.Size costs more than two indexes), and the cheapest tests come first.
+    def fast_check(self, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, q_scale, k_scale,
+                   v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale, out):
+        """The device of q when every fast check passes, else None (then `check_inputs()` decides).
+
+        Written for speed (this is the per-call cost of the dispatcher): each torch attribute read costs
+        50-110 ns and dominates, so every tensor attribute is read once, and nothing is read that the
+        shapes already tell (the byte sizes for the aliasing test); shapes are indexed, not sliced
+        (slicing a torch.Size costs more than two indexes).
+        """
         try:
             device = q.device
             q_shape, k_shape = q.shape, key_cache.shape
-            heads, head_size = self.q_tail
-            block_size, kv_heads, _ = self.cache_tail
-            if (q.dtype is not self.q_dtype or len(q_shape) != 3 or q_shape[1] != heads or q_shape[2] != head_size
-                    or key_cache.dtype is not self.cache_dtype or len(k_shape) != 4 or k_shape[1] != block_size
-                    or k_shape[2] != kv_heads or k_shape[3] != head_size
-                    or value_cache.dtype is not self.cache_dtype or value_cache.shape != k_shape
-                    or key_cache.device != device or value_cache.device != device
-                    or not (q.is_contiguous() and key_cache.is_contiguous() and value_cache.is_contiguous())):
-                return False
             lens_shape, cu_shape, table_shape = seq_lens.shape, cu_seqlens_q.shape, block_table.shape
-            if (seq_lens.dtype is not torch.int32 or cu_seqlens_q.dtype is not torch.int32
-                    or block_table.dtype is not torch.int32 or len(lens_shape) != 1 or len(cu_shape) != 1
-                    or len(table_shape) != 2 or cu_shape[0] != lens_shape[0] + 1 or table_shape[0] != lens_shape[0]
-                    or table_shape[1] == 0 or seq_lens.device != device or cu_seqlens_q.device != device
-                    or block_table.device != device or not (seq_lens.is_contiguous() and cu_seqlens_q.is_contiguous()
-                                                            and block_table.is_contiguous())):
-                return False
-            for index, (scale, needed) in enumerate(zip(scales, self.needed)):
-                if scale is None:
-                    if needed:
-                        return False
-                    continue
-                if not needed or scale.dtype is not torch.float32 or scale.device != device:
-                    return False
-                shape = scale.shape
-                if index == 3 or index == 4:  # per-token-head scale caches
-                    if (len(shape) != 3 or shape[0] != k_shape[0] or shape[1] != block_size or shape[2] != kv_heads
+            # The six dtypes in one tuple comparison (dtypes are singletons: its identity test decides each).
+            if ((q.dtype, key_cache.dtype, value_cache.dtype, seq_lens.dtype, cu_seqlens_q.dtype, block_table.dtype)
+                    != self.dtypes
+                    or len(q_shape) != 3 or q_shape[1] != self.heads or q_shape[2] != self.head_size
+                    or len(k_shape) != 4 or k_shape[1] != self.block_size or k_shape[2] != self.kv_heads
+                    or k_shape[3] != self.head_size or value_cache.shape != k_shape
+                    or len(lens_shape) != 1 or len(cu_shape) != 1 or len(table_shape) != 2
+                    or cu_shape[0] != lens_shape[0] + 1 or table_shape[0] != lens_shape[0] or table_shape[1] == 0
+                    or key_cache.device != device or value_cache.device != device or seq_lens.device != device
+                    or cu_seqlens_q.device != device or block_table.device != device
+                    or not (q.is_contiguous() and key_cache.is_contiguous() and value_cache.is_contiguous()
+                            and seq_lens.is_contiguous() and cu_seqlens_q.is_contiguous()
+                            and block_table.is_contiguous())):
+                return None
+            # The scales the config needs are present and the others absent: one tuple comparison. Past it,
+            # a group's tensors are either all None or all needed, so `is not None` picks the ones to check.
+            if (q_scale is not None, k_scale is not None, v_scale is not None, k_scale_cache is not None,
+                    v_scale_cache is not None, alibi_slopes is not None, sinks is not None,
+                    output_scale is not None) != self.needed:
+                return None
+            if self.scalar_scales:
+                for scale in (q_scale, k_scale, v_scale, output_scale):
+                    if scale is not None and (scale.dtype is not torch.float32 or scale.device != device
+                                              or scale.numel() != 1):
+                        return None
+            if self.scale_caches:
+                cache_shape = (k_shape[0], self.block_size, self.kv_heads)
+                for scale in (k_scale_cache, v_scale_cache):
+                    if (scale.dtype is not torch.float32 or scale.shape != cache_shape or scale.device != device
                             or not scale.is_contiguous()):
-                        return False
-                elif index == 5 or index == 6:  # alibi slopes, sinks
-                    if len(shape) != 1 or shape[0] != heads:
-                        return False
-                elif scale.numel() != 1:
-                    return False
+                        return None
+            if self.head_vectors:
+                for vector in (alibi_slopes, sinks):
+                    if vector is not None and (vector.dtype is not torch.float32 or vector.shape != self.heads_shape
+                                               or vector.device != device):
+                        return None
             if out is not None:
                 if (out.dtype is not self.out_dtype or out.shape != q_shape or out.device != device
                         or not out.is_contiguous()):
-                    return False
+                    return None
+                # All four are contiguous by now, so each spans [data_ptr, data_ptr + nbytes); the byte counts
+                # come from the shapes checked above (cheaper than reading t.nbytes, a C call per tensor).
                 start = out.data_ptr()
-                end = start + out.numel() * out.element_size()
-                for t in (q, key_cache, value_cache):  # all contiguous by now: [ptr, ptr + nbytes)
-                    t_start = t.data_ptr()
-                    if start < t_start + t.numel() * t.element_size() and t_start < end:
-                        return False
-            return True
+                end = start + q_shape[0] * self.out_row_bytes
+                q_start, k_start, v_start = q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr()
+                cache_bytes = k_shape[0] * self.page_bytes
+                if ((start < q_start + q_shape[0] * self.q_row_bytes and q_start < end)
+                        or (start < k_start + cache_bytes and k_start < end)
+                        or (start < v_start + cache_bytes and v_start < end)):
+                    return None
+            return device
         except (AttributeError, TypeError, IndexError):  # not a tensor where one was expected
-            return False
+            return None
+
+    def plan(self, device: torch.device, override: Override) -> Plan:
+        """The plan for (device, override): from this spec's cache, else from select()."""
+        key = (device, override)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = select(self.config, device)
+        self.last_plan = (device, override, plan)
+        return plan
 
 
 _specs: dict[int, _CallSpec] = {}
@@ -120,7 +164,11 @@ def _clear_specs() -> None:
 registry.on_change(_clear_specs)  # a new registration may change any plan
 
 
-def _spec_for(config: AttentionConfig) -> _CallSpec:
+def _spec_for(config) -> _CallSpec:
+    """The spec of `config`, made on a miss. attention() inlines the hit path (a dict get and an identity
+    test), so the isinstance check lives here: a hit means `config` is the AttentionConfig the entry holds."""
+    if not isinstance(config, AttentionConfig):
+        raise InputError(f"config: expected an AttentionConfig, got {type(config).__name__}")
     # Keyed by identity (hashing a pydantic model costs more than the whole fast path);
     # the spec holds the config, so its id cannot be reused while the entry lives.
     spec = _specs.get(id(config))
@@ -359,7 +407,7 @@ def attention(
         InputError: an argument does not match the config (the message names it).
         UnsupportedConfigError: no backend (or not the named one) can run the config.
     """
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         # Under torch.compile: one opaque custom op; its eager implementation (this function) does the checks.
         from dispatch.ops import attention_op, config_key
 
@@ -367,18 +415,25 @@ def attention(
                               q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks,
                               output_scale)
         return result if out is None else out.copy_(result)
-    if not isinstance(config, AttentionConfig):
-        raise InputError(f"config: expected an AttentionConfig, got {type(config).__name__}")
-    spec = _spec_for(config)
-    scales = (q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale)
-    if not spec.matches(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, scales, out):
-        check_inputs(config, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, *scales, out)
+    # The spec lookup and the plan memo are inlined here (each Python call layer costs ~50-100 ns).
+    spec = _specs.get(id(config))
+    if spec is None or spec.config is not config:
+        spec = _spec_for(config)
+    device = spec.fast_check(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, q_scale, k_scale,
+                             v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale, out)
+    if device is None:
+        check_inputs(config, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, q_scale, k_scale,
+                     v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale, out)
+        device = q.device
     if validate or (validate is None and DEBUG):
         check_values(config, q, key_cache, cu_seqlens_q, seq_lens, block_table)
-    key = (q.device, current_override())
-    plan = spec.plans.get(key)
-    if plan is None:
-        plan = spec.plans[key] = select(config, q.device)
+    override = _current_override()
+    last_device, last_override, plan = spec.last_plan
+    # `is` suffices for the override: outside any `dispatch.use()` scope it is always the contextvar's one
+    # default object, inside one the scope's object; any other object misses here and takes spec.plan(),
+    # whose dict compares overrides by value.
+    if override is not last_override or device != last_device:
+        plan = spec.plan(device, override)
     return plan.backend_forward(
         q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config=config,
         q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache,

@@ -13,10 +13,18 @@ import functools
 from typing import Optional
 
 import torch
+import torch.utils._pytree as pytree
 
 from dispatch.config import AttentionConfig
 
 __all__ = ["attention_op", "config_key"]
+
+# Registered as a pytree constant, a config is a Python constant to torch.compile, guarded by
+# equality (a different config retraces). Without it torch 2.11's dynamo refuses to pass the
+# pydantic model to `config_key` below ("AttentionConfig is not a constant"); 2.13 happens to
+# accept it. AttentionConfig is frozen, with value equality and a hash, as the registration needs.
+if not pytree.is_constant_class(AttentionConfig):
+    pytree.register_constant(AttentionConfig)
 
 
 @torch.compiler.assume_constant_result

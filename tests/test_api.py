@@ -109,6 +109,51 @@ def test_out_must_not_alias_an_input(plain_inputs):
         call(PLAIN, plain_inputs, out=plain_inputs.q)
 
 
+def test_valid_calls_take_the_fast_path(monkeypatch, fp8_inputs, per_token_inputs, plain_inputs):
+    """The per-call cost depends on valid calls never reaching the slow, message-producing checks."""
+    def slow_checks(*args, **kwargs):
+        raise AssertionError("check_inputs ran for a valid call")
+
+    monkeypatch.setattr(dispatch.api, "check_inputs", slow_checks)
+    for config, inputs in ((FP8, fp8_inputs), (PER_TOKEN, per_token_inputs), (PLAIN, plain_inputs)):
+        out = torch.empty(inputs.q.shape, dtype=config.out_torch_dtype)
+        assert call(config, inputs, out=out) is out
+
+
+@pytest.mark.parametrize("out_first", [False, True])
+def test_out_overlap_is_exact_at_the_byte_boundaries(plain_inputs, out_first):
+    """out right next to key_cache (after or before it) is fine; one element closer, it overlaps."""
+    key_cache, count = plain_inputs.key_cache, plain_inputs.q.numel()
+    size = key_cache.numel()
+    buffer = torch.empty(size + count + 1, dtype=key_cache.dtype)
+    cache_at, out_at, closer = (count + 1, 1, 2) if out_first else (0, size, size - 1)
+    cache = buffer[cache_at:cache_at + size].view(key_cache.shape)
+    cache.copy_(key_cache)
+    out = buffer[out_at:out_at + count].view(plain_inputs.q.shape)
+    assert call(PLAIN, plain_inputs, key_cache=cache, out=out) is out
+    overlapping = buffer[closer:closer + count].view(plain_inputs.q.shape)
+    with pytest.raises(InputError, match="out: must not share memory with key_cache"):
+        call(PLAIN, plain_inputs, key_cache=cache, out=overlapping)
+
+
+def test_the_plan_follows_use_scopes_on_one_config(plain_inputs):
+    """attention() remembers the last plan per config; a use() scope (or leaving one) must still switch it."""
+    sdpa = dispatch.select(PLAIN, "cpu").capability
+    for name in ("scope_a", "scope_b"):
+        dispatch.register_backend(name, capability=sdpa, forward=lambda *a, _name=name, **k: _name)
+    auto = PLAIN.model_copy(update={"backend": "auto"})
+    try:
+        outside = call(auto, plain_inputs)
+        for name in ("scope_a", "scope_b", "scope_a"):  # each scope is a new Override object
+            with dispatch.use(backend=name):
+                assert call(auto, plain_inputs) == name
+                assert call(auto, plain_inputs) == name
+        assert torch.equal(call(auto, plain_inputs), outside)
+    finally:
+        dispatch.unregister_backend("scope_a")
+        dispatch.unregister_backend("scope_b")
+
+
 def test_device_mismatch_is_named(plain_inputs):
     meta = plain_inputs.seq_lens.to("meta")
     with pytest.raises(InputError, match=r"seq_lens: expected a tensor on cpu \(the device of q\), got one on meta"):

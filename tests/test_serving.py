@@ -264,6 +264,23 @@ def test_torch_compile_fullgraph_matches_eager():
         assert torch.equal(compiled(x), layer(x))
 
 
+def test_torch_compile_guards_on_the_config():
+    """The config is a compile-time constant guarded by equality: a different config passed to the
+    same compiled function retraces and gives its own result, never the first config's."""
+    base = CONFIGS[1]
+    args, kwargs = _valid(base)
+    other = base.model_copy(update={"softmax_scale": 0.5})
+
+    def layer(q, config):
+        return dispatch.attention(q, *list(args.values())[1:], config=config, **kwargs)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        for config in (base, other, base):
+            assert torch.equal(compiled(args["q"], config), layer(args["q"], config))
+        assert not torch.equal(compiled(args["q"], base), compiled(args["q"], other))
+
+
 def _gpu_inputs(config, q_lens, kv_lens):
     inputs = make_inputs(config, q_lens, kv_lens, device="cuda", poison=False)
     return dict(zip(ARGS, inputs.args)), dict(inputs.kwargs)
