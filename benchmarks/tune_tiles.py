@@ -63,11 +63,12 @@ def main(argv=None) -> int:
         default = launcher.unified_attention(*inputs.args, config=config, **kwargs).float()
         torch.cuda.synchronize()
         decode = launcher.is_decode_shaped(sum(q_lens), len(q_lens))
-        base = launcher.choose_tiles(HEAD_SIZE, HEADS // KV_HEADS, config.q_is_fp8, decode)
+        base = launcher.choose_tiles(HEAD_SIZE, HEADS // KV_HEADS, config.q_is_fp8, decode, config.kv_quant_mode)
         rows = []
         variants = itertools.product(args.block_m or [base.block_m], args.tile_n, args.warps, args.stages)
         for index, (block_m, tile_n, warps, stages) in enumerate(variants):
-            tiles = launcher.Tiles(block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages)
+            tiles = launcher.Tiles(block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages,
+                                   unmasked_interior=base.unmasked_interior)
             if args.shard is not None:
                 if index % args.shard[1] == args.shard[0]:
                     try:  # compile only; errors are reported by the timing pass
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
                 continue
             rows.append((ms, block_m, tile_n, warps, stages, diff))
         for ms, block_m, tile_n, warps, stages, diff in sorted(rows):
-            mark = " (default)" if launcher.Tiles(block_m, tile_n, warps, stages) == base else ""
+            mark = " (default)" if launcher.Tiles(block_m, tile_n, warps, stages, base.unmasked_interior) == base else ""
             if kind == "decode":
                 rate = f"{kv_bytes_read(config, kv_lens) / (ms / 1e3) / 1e12:.2f} TB/s"
             else:

@@ -324,6 +324,7 @@ def unified_attention_kernel(
     IS_CAUSAL: tl.constexpr, USE_SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,  #
     USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr, SPLIT_KV: tl.constexpr,  #
     USE_PTX: tl.constexpr,  # inline PTX allowed (compiled for a GPU, not the interpreter)
+    UNMASKED_INTERIOR: tl.constexpr,  # interior KV tiles in their own loop without masks (Tiles.unmasked_interior)
 ):
     tl.static_assert(BLOCK_Q * NUM_QUERIES_PER_KV <= BLOCK_M)
     tl.static_assert(BLOCK_Q >= 1)
@@ -405,9 +406,14 @@ def unified_attention_kernel(
         tiles_per_split = tl.cdiv(tile_end - tile_begin, tl.num_programs(2))
         tile_begin = tile_begin + tl.program_id(2) * tiles_per_split
         tile_end = tl.minimum(tile_end, tile_begin + tiles_per_split)
-    # Interior tiles [full_tile_begin, full_tile_end) need no masks; the edges around them do.
-    full_tile_begin = tl.minimum(tl.maximum(tl.cdiv(full_begin, TILE_N), tile_begin), tile_end)
-    full_tile_end = tl.minimum(tl.maximum(full_end // TILE_N, full_tile_begin), tile_end)
+    if UNMASKED_INTERIOR:
+        # Interior tiles [full_tile_begin, full_tile_end) need no masks; the edges around them do.
+        full_tile_begin = tl.minimum(tl.maximum(tl.cdiv(full_begin, TILE_N), tile_begin), tile_end)
+        full_tile_end = tl.minimum(tl.maximum(full_end // TILE_N, full_tile_begin), tile_end)
+    else:
+        # One masked loop over every tile (the launcher's choice where it measured faster).
+        full_tile_begin = tile_end
+        full_tile_end = tile_end
 
     # ---- online softmax state -------------------------------------------------------------
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

@@ -46,12 +46,17 @@ class Tiles:
 
     block_m rows of a query tile hold block_m // num_queries_per_kv tokens
     (BLOCK_Q) times the query heads of one KV head; tile_n keys per KV step.
+    unmasked_interior: visit the KV tiles that every row sees in full in a
+    separate loop compiled without masks (the edge tiles keep them). Faster for
+    prefill and for quantized caches; measured slower for 16-bit decode (H200,
+    benchmarks/RESULTS.md), where one masked loop stays at copy bandwidth.
     """
 
     block_m: int
     tile_n: int
     num_warps: int = 4
     num_stages: int = 2
+    unmasked_interior: bool = True
 
 
 def is_decode_shaped(num_tokens: int, num_seqs: int) -> bool:
@@ -64,23 +69,36 @@ def _head_size_padded(head_size: int, q_is_fp8: bool) -> int:
     return max(triton.next_power_of_2(head_size), 32 if q_is_fp8 else 16)
 
 
-def choose_tiles(head_size: int, num_queries_per_kv: int, q_is_fp8: bool, decode_shaped: bool) -> Tiles:
-    """Hopper-minded defaults; speed tuning is separate work.
+def choose_tiles(
+    head_size: int,
+    num_queries_per_kv: int,
+    q_is_fp8: bool,
+    decode_shaped: bool,
+    kv_quant_mode: KVQuantMode = KVQuantMode.NONE,
+) -> Tiles:
+    """Defaults from tile sweeps on an H200 (`python -m benchmarks.tune_tiles`, head size 128, GQA 4;
+    the numbers are in benchmarks/RESULTS.md). Other head sizes scale the key tile so that a K or V
+    tile stays <= 32 KB in 16 bits.
 
-    Prefill: 128 query rows (64 for head size 256, to bound registers) and 64 keys
-    per step (32 for head size 256), 8 warps for 128 rows. Decode: the smallest
-    tensor-core tile (16 rows, or all query heads of a KV head if more), 64 keys,
-    deeper pipelining since decode is bound by KV-cache reads.
+    Decode: the smallest tensor-core tile (16 rows, or all query heads of one KV head if more) and
+    128 keys per step, 4 warps, 2 stages; 3 stages for a per-token-head fp8 cache (its scale loads
+    add latency to hide). 16-bit caches use one masked loop (measured 0.50 vs 0.59-0.65 ms at
+    64 x 8k), quantized caches the unmasked interior loop (fp8 q: 0.38 vs 0.50 ms).
+    Prefill: 128 query rows (64 for head size 256), 64 keys, 4 warps (8 were 13% slower), 3 stages
+    for a 16-bit query and 2 for fp8.
     """
     head_size_padded = _head_size_padded(head_size, q_is_fp8)
     group = triton.next_power_of_2(num_queries_per_kv)
     if decode_shaped:
         block_m = max(16, group)
-        tile_n = 64 if head_size_padded <= 128 else 32
-        return Tiles(block_m=block_m, tile_n=tile_n, num_warps=4, num_stages=3)
+        tile_n = 128 if head_size_padded <= 128 else 64
+        stages = 3 if kv_quant_mode is KVQuantMode.FP8_PER_TOKEN_HEAD else 2
+        return Tiles(block_m=block_m, tile_n=tile_n, num_warps=4, num_stages=stages,
+                     unmasked_interior=kv_quant_mode is not KVQuantMode.NONE)
     block_m = max(128 if head_size_padded <= 128 else 64, group)
     tile_n = 64 if head_size_padded <= 128 else 32
-    return Tiles(block_m=block_m, tile_n=tile_n, num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    return Tiles(block_m=block_m, tile_n=tile_n, num_warps=4 if block_m <= 128 else 8,
+                 num_stages=2 if q_is_fp8 else 3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,7 +150,7 @@ class _Plan:
 def _plan(config: AttentionConfig, decode_shaped: bool, tiles: Optional[Tiles]) -> _Plan:
     group = config.num_queries_per_kv
     if tiles is None:
-        tiles = choose_tiles(config.head_size, group, config.q_is_fp8, decode_shaped)
+        tiles = choose_tiles(config.head_size, group, config.q_is_fp8, decode_shaped, config.kv_quant_mode)
     head_size_padded = _head_size_padded(config.head_size, config.q_is_fp8)
     kv_quant = _KV_QUANT[config.kv_quant_mode]
     common = dict(
@@ -154,6 +172,7 @@ def _plan(config: AttentionConfig, decode_shaped: bool, tiles: Optional[Tiles]) 
         USE_SLIDING_WINDOW=config.sliding_window is not None,
         USE_SOFTCAP=config.logits_soft_cap is not None,
         USE_ALIBI=config.use_alibi,
+        UNMASKED_INTERIOR=tiles.unmasked_interior,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )

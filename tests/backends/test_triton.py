@@ -352,12 +352,20 @@ def test_edge_lengths(num_kv_heads, block_size):
 )
 @pytest.mark.parametrize(
     "tiles",
-    [launcher.Tiles(block_m=16, tile_n=16), launcher.Tiles(block_m=32, tile_n=32)],
-    ids=["m16n16", "m32n32"],
+    [
+        launcher.Tiles(block_m=16, tile_n=16),
+        launcher.Tiles(block_m=32, tile_n=32),
+        launcher.Tiles(block_m=16, tile_n=16, unmasked_interior=False),
+    ],
+    ids=["m16n16", "m32n32", "m16n16-one_masked_loop"],
 )
-def test_small_tiles_many_programs(kv_quant_mode, kv_cache_dtype, tiles):
-    """Many query tiles per sequence (binary search over tile starts) and tiles smaller than a page."""
-    config = make_config(kv_quant_mode=kv_quant_mode, kv_cache_dtype=kv_cache_dtype, block_size=64, sliding_window=40)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non_causal"])
+def test_small_tiles_many_programs(kv_quant_mode, kv_cache_dtype, tiles, causal):
+    """Many query tiles per sequence (binary search over tile starts), tiles smaller than a page, so
+    many interior (unmasked) and edge (masked) KV tiles around a sliding window, and the single
+    masked loop that replaces them where the launcher picks it."""
+    config = make_config(kv_quant_mode=kv_quant_mode, kv_cache_dtype=kv_cache_dtype, block_size=64, sliding_window=40,
+                         causal=causal)
     inputs = make_inputs(config, [1, 0, 47, 3, 129], [1, 20, 90, 33, 129])  # one sequence with no new query
     out = run_triton(config, inputs, tiles=tiles)
     assert_close_to_oracle(out, oracle(config, inputs), **sixteen_bit_tolerance(inputs))
