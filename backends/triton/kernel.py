@@ -426,6 +426,9 @@ def unified_attention_kernel(
     acc_exp = 0  # acc is in units of 2^-acc_exp (per-token-head caches; see _attend_kv_tile)
 
     block_table_row = Block_table + seq.to(tl.int64) * stride_bts
+    # Three loops with the same body on purpose: MASKED must be a compile-time constant, and each
+    # loop must stay a plain loop of its own for Triton's software pipeliner (a branch between the
+    # two bodies inside one loop would defeat both).
     for kv_tile in range(tile_begin, full_tile_begin):
         acc, m_i, l_i, acc_exp = _attend_kv_tile(
             acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
