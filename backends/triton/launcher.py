@@ -3,7 +3,10 @@
 Everything here is computed from the config and tensor *shapes*; no value is
 read back from the device, so a launch can be captured in a CUDA graph.
 Per-config work (tiles and constexpr switches) is cached; the launch path
-itself only reads shapes and strides and calls the kernels.
+itself only reads shapes and strides and calls the kernels. The one exception
+is opt-in: with DISPATCH_TRITON_AUTOTUNE=1 the first launch of a new (GPU,
+config, shape bucket) times candidate tiles, with synchronizations, outside
+CUDA-graph capture only (autotune.py).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import triton
 
 from dispatch.config import AttentionConfig, KVQuantMode
 
-from . import kernel
+from . import autotune, kernel
 
 __all__ = ["Tiles", "is_decode_shaped", "choose_tiles", "choose_num_kv_splits", "unified_attention"]
 
@@ -205,7 +208,8 @@ def unified_attention(
 
     num_kv_splits: None lets `choose_num_kv_splits` decide; an int forces that
         many KV segments (1 = the single-pass path). For tests and tuning.
-    tiles: None picks `choose_tiles`' defaults; a `Tiles` overrides them.
+    tiles: None picks `choose_tiles`' defaults, or with DISPATCH_TRITON_AUTOTUNE=1 the tiles tuned
+        for this (GPU, config, shape bucket) (see autotune.py); a `Tiles` overrides both.
     """
     num_tokens, num_heads, head_size = q.shape
     num_seqs = seq_lens.shape[0]
@@ -215,9 +219,20 @@ def unified_attention(
     if num_tokens == 0:
         return out
 
-    plan = _plan(config, is_decode_shaped(num_tokens, num_seqs), tiles)
+    decode_shaped = is_decode_shaped(num_tokens, num_seqs)
+    max_kv_len_bound = block_table.shape[1] * key_cache.shape[1]
+    if tiles is None and autotune.ENABLED and q.device.type == "cuda":
+        tiles = autotune.tiles_for(
+            config, q.device, decode_shaped, num_tokens, num_seqs, max_kv_len_bound,
+            default=_plan(config, decode_shaped, None).tiles,
+            run=lambda candidate: unified_attention(
+                q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config=config, q_scale=q_scale,
+                k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache,
+                alibi_slopes=alibi_slopes, sinks=sinks, output_scale=output_scale, out=out,
+                num_kv_splits=num_kv_splits, tiles=candidate),
+        )
+    plan = _plan(config, decode_shaped, tiles)
     if num_kv_splits is None:
-        max_kv_len_bound = block_table.shape[1] * key_cache.shape[1]
         num_kv_splits = choose_num_kv_splits(num_tokens, num_seqs, num_kv_heads, max_kv_len_bound, q.device)
     split_kv = num_kv_splits > 1
 

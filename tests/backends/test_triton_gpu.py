@@ -12,11 +12,11 @@ kernel; `test_gpu_reference_agrees_with_oracle` ties it to tests/oracle.py.
 
 Tolerances are bounds derived per element from the reference's own softmax
 weights p (normalized, the sink included), not fitted to observed errors:
-- P is rounded to the P @ V dot's dtype (the query's; fp16 for an fp8 query)
-  before the dot, which moves the output by at most
-  u * sum_j p_j |v_j| <= u * sqrt(sum_j p_j v_j^2) (Cauchy-Schwarz), and the
-  per-token-head modes round each dequantized V element too: 2u * that, with
-  u = 2^-8 (bf16) or 2^-11 (fp16). fp16 P below 2^-14 is subnormal and rounds
+- P is rounded to the P @ V dot's dtype (the query's for a 16-bit cache; fp16
+  for an fp8 query and for every quantized cache, where the per-token-head
+  modes round P * v_scale[j] instead) before the dot, which moves the output by
+  at most u * sum_j p_j |v_j| <= u * sqrt(sum_j p_j v_j^2) (Cauchy-Schwarz);
+  the bound allows 2u * that, with u = 2^-8 (bf16) or 2^-11 (fp16). fp16 P below 2^-14 is subnormal and rounds
   by up to 2^-25 absolutely: sum_j min(2^-25 p_top, p_j)(|v_j| + |o|).
 - FP8 query: Q @ K^T runs on fp8 tensor cores, whose accumulation keeps only
   about 14 bits on Hopper (DeepSeek-V3 technical report, FP8 training), not 24. A
@@ -174,7 +174,8 @@ def reference_attention_gpu(config: AttentionConfig, inputs: AttentionInputs, ro
 
 def allowed_error(config: AttentionConfig, inputs: AttentionInputs, ref: Reference) -> torch.Tensor:
     """Per-element bound on |kernel - reference| (module docstring)."""
-    pv_dtype = "float16" if config.q_is_fp8 else config.q_dtype  # the P @ V dot's operand dtype
+    # The P @ V dot's operand dtype: fp16 for an fp8 query and for every quantized cache (kernel.py).
+    pv_dtype = "float16" if config.q_is_fp8 or config.kv_quant_mode != KVQuantMode.NONE else config.q_dtype
     allowed = 2 * unit_roundoff(pv_dtype) * ref.rms_v
     if pv_dtype == "float16":
         allowed = allowed + ref.small_fp16
@@ -385,6 +386,35 @@ def test_gpu_cuda_graph_capture_and_replay():
     expected = triton_backend.forward(*inputs.args, config=config, **inputs.kwargs)
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+def test_gpu_autotune_searches_once_per_bucket_and_never_under_capture(monkeypatch):
+    """DISPATCH_TRITON_AUTOTUNE=1: CUDA-graph capture of an untuned bucket launches the defaults and
+    searches nothing; the first eager call searches, later ones reuse the choice; the tuned
+    launch is as accurate as any other."""
+    from backends.triton import autotune, launcher
+
+    monkeypatch.setattr(autotune, "ENABLED", True)
+    autotune.clear()
+    searches = []
+    real_tune = autotune.tune
+    monkeypatch.setattr(autotune, "tune", lambda key, *a, **k: searches.append(key) or real_tune(key, *a, **k))
+    config = make_config("bfloat16", "float8_e4m3fn", KVQuantMode.FP8_PER_TENSOR)
+    inputs = make_inputs(config, *DECODE, device="cuda")
+    out = torch.empty(inputs.q.shape, dtype=config.out_torch_dtype, device="cuda")
+    default = launcher.choose_tiles(HEAD_SIZE, NUM_HEADS // NUM_KV_HEADS, False, True, config.kv_quant_mode)
+    launcher.unified_attention(*inputs.args, config=config, tiles=default, out=out, **inputs.kwargs)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_backend.forward(*inputs.args, config=config, out=out, **inputs.kwargs)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert searches == []
+    check(config, inputs, "autotune, first eager call")
+    check(config, inputs, "autotune, second eager call")
+    assert len(searches) == 1 and autotune.cached(searches[0]) is not None
+    autotune.clear()
 
 
 def test_gpu_matches_sdpa_backend():
