@@ -38,7 +38,7 @@ logger = logging.getLogger("dispatch")
 
 ENV_VAR = "DISPATCH_TRITON_AUTOTUNE"
 ENABLED = os.environ.get(ENV_VAR, "0") not in ("", "0")
-REPEATS = 5
+REPEATS = 10
 
 _cache: dict[Hashable, object] = {}
 _lock = threading.Lock()  # one search per bucket even when several threads miss at once
@@ -87,10 +87,16 @@ def candidates(default, decode_shaped: bool, kv_quant_mode: KVQuantMode) -> list
 
 
 def _cuda_time_ms(run: Callable[[object], object], tiles) -> float:
-    """Median time of REPEATS launches with `tiles` (after one that compiles and warms up)."""
+    """Median time of REPEATS launches with `tiles` (after one that compiles and warms up), each from
+    a cold L2 as in serving, where the KV cache does not stay cached between steps: a warm L2 made
+    small inputs favour the wrong candidates."""
     run(tiles)
+    device = torch.cuda.current_device()
+    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.int8,
+                        device="cuda")
     times = []
     for _ in range(REPEATS):
+        flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run(tiles)
