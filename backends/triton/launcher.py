@@ -51,8 +51,8 @@ class Tiles:
     (BLOCK_Q) times the query heads of one KV head; tile_n keys per KV step.
     unmasked_interior: visit the KV tiles that every row sees in full in a
     separate loop compiled without masks (the edge tiles keep them). Faster for
-    prefill and for quantized caches; measured slower for 16-bit decode (H200,
-    benchmarks/RESULTS.md), where one masked loop stays at copy bandwidth.
+    prefill and for fp8-query decode; measured slower for decode with a 16-bit
+    query and a 16-bit or per-tensor fp8 cache (H200, benchmarks/RESULTS.md).
     """
 
     block_m: int
@@ -85,8 +85,9 @@ def choose_tiles(
 
     Decode: the smallest tensor-core tile (16 rows, or all query heads of one KV head if more) and
     128 keys per step, 4 warps, 2 stages; 3 stages for a per-token-head fp8 cache (its scale loads
-    add latency to hide). 16-bit caches use one masked loop (measured 0.50 vs 0.59-0.65 ms at
-    64 x 8k), quantized caches the unmasked interior loop (fp8 q: 0.38 vs 0.50 ms).
+    add latency to hide). The unmasked interior loop only for an fp8 query (0.38 vs 0.50 ms, and
+    0.47 vs 0.54 ms on another card) and per-token-head caches; one masked loop for a 16-bit query
+    with a 16-bit cache (0.50 vs 0.59-0.65 ms) or a per-tensor fp8 cache (0.48 vs 0.51 ms).
     Prefill: 128 query rows (64 for head size 256), 64 keys, 4 warps (8 were 13% slower), 3 stages
     for a 16-bit query and 2 for fp8.
     """
@@ -97,7 +98,7 @@ def choose_tiles(
         tile_n = 128 if head_size_padded <= 128 else 64
         stages = 3 if kv_quant_mode is KVQuantMode.FP8_PER_TOKEN_HEAD else 2
         return Tiles(block_m=block_m, tile_n=tile_n, num_warps=4, num_stages=stages,
-                     unmasked_interior=kv_quant_mode is not KVQuantMode.NONE)
+                     unmasked_interior=q_is_fp8 or kv_quant_mode.is_per_token_head)
     block_m = max(128 if head_size_padded <= 128 else 64, group)
     tile_n = 64 if head_size_padded <= 128 else 32
     return Tiles(block_m=block_m, tile_n=tile_n, num_warps=4 if block_m <= 128 else 8,
