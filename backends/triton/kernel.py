@@ -31,7 +31,10 @@ the last key visible to the tile's last query when causal (mask aligned
 bottom-right: query i sits at position kv_len - q_len + i) and starts at the
 first key inside the sliding window of the tile's first query. Loads outside
 that range are masked to zero, so unused or poisoned cache slots (NaN) never
-reach a score or the P @ V product.
+reach a score or the P @ V product. With UNMASKED_INTERIOR, the tiles whose
+keys every row of the query tile sees run in a loop of their own compiled
+without any mask; only the edge tiles (the diagonal, the window's start, the
+last partial tile) pay for masks. The launcher picks per case (Tiles).
 
 Softmax is the online (flash) softmax in base 2: log2(e) is folded into the
 score scale (after tanh when soft-capping, which must see natural-domain
@@ -45,15 +48,22 @@ KV-cache quantization (KV_QUANT, one compiled branch each)
 -----------------------------------------------------------
 KV_QUANT_NONE: the cache holds the query's 16-bit dtype; dots in that dtype,
   fp32 accumulation.
-KV_QUANT_FP8_PER_TENSOR with a 16-bit query: each fp8 tile is converted to the
-  query's dtype (exact: every e4m3 and e5m2 value is representable in fp16 and
-  bf16) and the per-tensor scales are applied to the dot products instead of
-  to each element: score_scale = softmax_scale * k_scale multiplies Q @ K^T,
-  and v_scale multiplies the accumulator once in the epilogue. Because a
-  per-tensor scale is a common factor, (q . (k * s_k)) = (q . k) * s_k and
-  sum_j p_j (v_j * s_v) = s_v * sum_j p_j v_j: this *is* the "tile
-  dequantized into the query's dtype before the dot", with fewer roundings and
-  no per-element multiply.
+Quantized caches with a 16-bit query: every dot runs on fp16 operands. fp8 and
+  int8 values convert to fp16 exactly, fp8 in one instruction per two values
+  (to bf16 they would go through fp16 and fp32: one quarter-rate F2F per value,
+  which held decode at bf16 speed; `python -m benchmarks.sass_report` shows the
+  instruction mix), int8 by a byte permute and one fp16 subtraction per two
+  values (`_int8_to_fp16`). A bf16 query is moved to fp16 once per program,
+  exactly, after a power-of-two rescale that puts the tile's largest |q| in
+  [2^14, 2^15) (its factor comes back out of the score scale), and P is rounded
+  to fp16 (relative error <= 2^-11, finer than bf16's 2^-8).
+KV_QUANT_FP8_PER_TENSOR with a 16-bit query: the per-tensor scales are applied
+  to the dot products instead of to each element: score_scale = softmax_scale
+  * k_scale multiplies Q @ K^T, and v_scale multiplies the accumulator once in
+  the epilogue. Because a per-tensor scale is a common factor,
+  (q . (k * s_k)) = (q . k) * s_k and sum_j p_j (v_j * s_v) = s_v * sum_j p_j
+  v_j: this *is* the "tile dequantized before the dot", with fewer roundings
+  and no per-element multiply.
 KV_QUANT_FP8_PER_TENSOR with an FP8 e4m3 query (Q_FP8): Q @ K^T runs on fp8
   operands (tensor cores, fp32 accumulation), and score_scale = softmax_scale *
   q_scale * k_scale multiplies it once per tile; v_scale multiplies the
@@ -72,11 +82,13 @@ KV_QUANT_FP8_PER_TENSOR with an FP8 e4m3 query (Q_FP8): Q @ K^T runs on fp8
   neither speed nor accuracy here; revisit with a newer Triton or Blackwell.
 KV_QUANT_FP8_PER_TOKEN_HEAD / KV_QUANT_INT8_PER_TOKEN_HEAD (16-bit query):
   per-key scales come from k_scale_cache / v_scale_cache
-  [num_blocks, block_size, H_kv] fp32 through the same page gather. K is
-  converted to the query's dtype (int8 by value conversion; both exact) and
-  the score columns are multiplied by k_scale[j] in fp32 after the dot. V is
-  dequantized per element, (v.fp32 * v_scale[j]).to(q dtype), before the dot:
-  folding v_scale[j] into P instead would push P * scale into fp16 subnormals.
+  [num_blocks, block_size, H_kv] fp32 through the same page gather. The score
+  columns are multiplied by k_scale[j] in fp32 after the dot. v_scale[j]
+  multiplies P (one multiply per score instead of one per V element), and the
+  fp16 operand P * v_scale is renormalized per KV tile by a power of two 2^e
+  that puts its largest possible value below 2^15, so it neither overflows
+  nor sinks into fp16 subnormals; the accumulator is kept in units of 2^-e,
+  the change of unit between tiles rides on alpha, and the epilogue removes it.
 Scales a mode does not use are never loaded (their code is compiled out).
 
 Output: acc / l (times v_scale for per-tensor FP8), or for fp8 output
