@@ -31,8 +31,9 @@ fi
 if has overhead; then
   python3 -m benchmarks.overhead --device cuda 2>&1 | tee "$OUT/overhead.md"
 fi
+# 8 compile jobs: each builds the case's inputs on the GPU (~12 GB for decode 64 x 8k); 12 ran out of memory on an H200.
 if [[ " $steps " == *" tune "* ]]; then  # not part of "all": evidence for choose_tiles when the kernel changes
-    python3 -m benchmarks.tune_tiles --case decode-64x8k --tile-n 64 128 --warps 4 8 --stages 2 3 --jobs 12 \
+    python3 -m benchmarks.tune_tiles --case decode-64x8k --tile-n 64 128 --warps 4 8 --stages 2 3 --jobs 8 \
       2>&1 | tee "$OUT/tune-decode-64x8k.md" | tail -45
     python3 -m benchmarks.tune_tiles --case prefill-4x4k --dtypes bf16 fp8q-fp8kv --block-m 64 128 --tile-n 64 128 \
       --warps 4 8 --stages 2 3 --jobs 12 2>&1 | tee "$OUT/tune-prefill-4x4k.md" | tail -40

@@ -32,7 +32,7 @@ from typing import Callable, Hashable, Iterable, Optional
 import torch
 import triton
 
-from dispatch.config import AttentionConfig, KVQuantMode
+from dispatch.config import AttentionConfig
 
 logger = logging.getLogger("dispatch")
 
@@ -65,7 +65,7 @@ def clear() -> None:
     _cache.clear()
 
 
-def candidates(default, decode_shaped: bool, kv_quant_mode: KVQuantMode) -> list:
+def candidates(default, decode_shaped: bool) -> list:
     """The defaults first, then the variants the sweeps showed competitive somewhere: half the key
     tile, the other pipelining depth, and (decode) the other loop structure or (prefill) 8 warps."""
     tiles_type = type(default)
@@ -138,9 +138,9 @@ def tiles_for(config: AttentionConfig, device: torch.device, decode_shaped: bool
     """The tuned tiles for this launch, tuning first when the bucket is new; None under CUDA-graph
     capture of an untuned bucket (the caller then uses its defaults)."""
     key = bucket(config, device, decode_shaped, num_tokens, num_seqs, max_kv_len_bound)
-    tiles = _cache.get(key)
+    tiles = cached(key)
     if tiles is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        tiles = tune(key, candidates(default, decode_shaped, config.kv_quant_mode), run)
+        tiles = tune(key, candidates(default, decode_shaped), run)
     return tiles

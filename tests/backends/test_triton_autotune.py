@@ -6,6 +6,7 @@ runs the real search on a GPU (CUDA events, CUDA-graph capture)."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -32,7 +33,7 @@ def key(name="GPU"):
 @pytest.mark.parametrize("mode", [KVQuantMode.NONE, KVQuantMode.FP8_PER_TENSOR])
 def test_candidates_start_with_the_defaults_and_are_distinct(decode_shaped, mode):
     default = launcher.choose_tiles(128, 4, False, decode_shaped, mode)
-    options = autotune.candidates(default, decode_shaped, mode)
+    options = autotune.candidates(default, decode_shaped)
     assert options[0] == default
     assert len(set(options)) == len(options) >= 4
     assert all(t.block_m == default.block_m for t in options)  # BLOCK_Q and the grid depend on it
@@ -44,7 +45,7 @@ def test_candidates_start_with_the_defaults_and_are_distinct(decode_shaped, mode
 
 def test_tune_picks_the_fastest_caches_it_and_logs_once(caplog):
     default = launcher.choose_tiles(128, 4, False, True)
-    options = autotune.candidates(default, True, KVQuantMode.NONE)
+    options = autotune.candidates(default, True)
     fake_ms = {tiles: 1.0 + i for i, tiles in enumerate(options)}
     fake_ms[options[2]] = 0.5
     calls = []
@@ -62,7 +63,7 @@ def test_tune_picks_the_fastest_caches_it_and_logs_once(caplog):
 
 
 def test_a_failing_candidate_is_skipped_with_a_warning_and_all_failing_raises(caplog):
-    options = autotune.candidates(launcher.choose_tiles(128, 4, False, False), False, KVQuantMode.NONE)
+    options = autotune.candidates(launcher.choose_tiles(128, 4, False, False), False)
 
     def time_ms(run, tiles):
         if tiles == options[0]:
@@ -82,7 +83,7 @@ def test_a_failing_candidate_is_skipped_with_a_warning_and_all_failing_raises(ca
 
 
 def test_off_by_default_and_never_on_cpu(monkeypatch):
-    assert not autotune.ENABLED or autotune.ENV_VAR in __import__("os").environ
+    assert autotune.ENABLED == (os.environ.get(autotune.ENV_VAR, "0") not in ("", "0"))
     monkeypatch.setattr(autotune, "ENABLED", True)
     monkeypatch.setattr(autotune, "tiles_for", lambda *a, **k: pytest.fail("tuned on the CPU"))
     from tests.cases import make_inputs
