@@ -30,6 +30,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tile-n", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--stages", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument("--maxnreg", nargs="+", type=int, default=[0],
+                        help="register caps per thread to try (0: the compiler's choice)")
+    parser.add_argument("--v-pairs", nargs="+", type=int, default=None, choices=[0, 1],
+                        help="quantized V staged as fp16 byte pairs: 0, 1 or both (default: the default's)")
     parser.add_argument("--interior", choices=["default", "unmasked", "masked", "both"], default="default",
                         help="loop structure: the default's, interior tiles unmasked, one masked loop, or both")
     parser.add_argument("--jobs", type=int, default=1,
@@ -54,8 +58,9 @@ def main(argv=None) -> int:
     timer = Timer("cuda", warmup=3, runs=20)
     kind, q_lens, kv_lens = SHAPES[args.case]
     print(f"case {args.case}, block size {args.block_size}, {torch.cuda.get_device_name()}")
-    print("| dtypes | block_m | tile_n | warps | stages | loop | median ms | rate | max |diff| vs default |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| dtypes | block_m | tile_n | warps | stages | loop | maxnreg | v pairs | median ms | rate "
+          "| max |diff| vs default |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         config = dispatch.AttentionConfig(num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
                                           block_size=args.block_size, backend="triton", **DTYPES[dtype_name])
@@ -69,10 +74,11 @@ def main(argv=None) -> int:
         rows = []
         interiors = {"default": [base.unmasked_interior], "unmasked": [True], "masked": [False],
                      "both": [True, False]}[args.interior]
-        variants = itertools.product(args.block_m or [base.block_m], args.tile_n, args.warps, args.stages, interiors)
-        for index, (block_m, tile_n, warps, stages, interior) in enumerate(variants):
+        variants = itertools.product(args.block_m or [base.block_m], args.tile_n, args.warps, args.stages, interiors,
+                                     args.maxnreg, [bool(x) for x in args.v_pairs] if args.v_pairs else [base.v_pairs])
+        for index, (block_m, tile_n, warps, stages, interior, maxnreg, v_pairs) in enumerate(variants):
             tiles = launcher.Tiles(block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages,
-                                   unmasked_interior=interior)
+                                   unmasked_interior=interior, max_registers=maxnreg or None, v_pairs=v_pairs)
             if args.shard is not None:
                 if index % args.shard[1] == args.shard[0]:
                     try:  # compile only; errors are reported by the timing pass
@@ -86,18 +92,20 @@ def main(argv=None) -> int:
                 ms = statistics.median(timer(lambda: launcher.unified_attention(*inputs.args, config=config,
                                                                                    tiles=tiles, **kwargs)))
             except Exception as exc:  # a variant that does not compile is reported, not hidden
-                print(f"| {dtype_name} | {block_m} | {tile_n} | {warps} | {stages} | {interior} | "
-                      f"error: {type(exc).__name__} | | |")
+                print(f"| {dtype_name} | {block_m} | {tile_n} | {warps} | {stages} | {interior} | {maxnreg or '-'} | "
+                      f"{int(v_pairs)} | error: {type(exc).__name__} | | |")
                 continue
-            rows.append((ms, block_m, tile_n, warps, stages, interior, diff))
-        for ms, block_m, tile_n, warps, stages, interior, diff in sorted(rows):
-            mark = " (default)" if launcher.Tiles(block_m, tile_n, warps, stages, interior) == base else ""
+            rows.append((ms, block_m, tile_n, warps, stages, interior, maxnreg, v_pairs, diff))
+        for ms, block_m, tile_n, warps, stages, interior, maxnreg, v_pairs, diff in sorted(rows):
+            mark = (" (default)" if launcher.Tiles(block_m, tile_n, warps, stages, interior, maxnreg or None, v_pairs)
+                    == base else "")
             if kind == "decode":
                 rate = f"{kv_bytes_read(config, kv_lens) / (ms / 1e3) / 1e12:.2f} TB/s"
             else:
                 rate = f"{4 * visible_pairs(q_lens, kv_lens) * HEADS * HEAD_SIZE / (ms / 1e3) / 1e12:.1f} TFLOP/s"
             loop = "unmasked interior" if interior else "one masked loop"
-            print(f"| {dtype_name} | {block_m} | {tile_n} | {warps} | {stages} | {loop}{mark} | {ms:.3f} | {rate} | "
+            print(f"| {dtype_name} | {block_m} | {tile_n} | {warps} | {stages} | {loop}{mark} | {maxnreg or '-'} | "
+                  f"{int(v_pairs)} | {ms:.3f} | {rate} | "
                   f"{diff:.2e} |", flush=True)
     return 0
 

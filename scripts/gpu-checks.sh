@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one pass, logs under $OUT (default ./gpu-out).
 # Usage on a CUDA machine, from the repository root:
-#   bash scripts/gpu-checks.sh [tests|parity|selftest|bench|overhead|tune|all]...
+#   bash scripts/gpu-checks.sh [tests|parity|selftest|bench|overhead|tune|profile|all]...
 # Where the tree was copied without .git, set DISPATCH_COMMIT so the reports name the commit.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -40,4 +40,29 @@ if [[ " $steps " == *" tune "* ]]; then  # not part of "all": evidence for choos
 fi
 if has bench; then
   python3 -m benchmarks.attention ${BENCH_ARGS:---quick} --out "$OUT/bench" 2>&1 | tail -40
+fi
+# Nsight Compute on the kernel of each PROFILE_CASES entry ("case dtypes [profile_case options]", one per
+# line): the details page (throughput, occupancy, warp stall reasons) and the per-SASS-instruction source
+# page (where the stalls sit), then one archive of all of it (the machine returns few files).
+if [[ " $steps " == *" profile "* ]]; then  # not part of "all"
+  NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)}
+  mkdir -p "$OUT/profile"
+  PROFILE_CASES=${PROFILE_CASES:-"decode-64x8k bf16
+decode-64x8k bf16q-fp8kv
+decode-64x8k fp8q-fp8kv
+prefill-4x4k bf16
+prefill-4x4k fp8q-fp8kv"}
+  while read -r case dtypes extra; do
+    [[ -z "$case" ]] && continue
+    name="$case-$dtypes${extra:+-$(echo "$extra" | tr -c 'a-zA-Z0-9\n' '_')}"
+    "$NCU" --clock-control none --set full --import-source no -k regex:unified_attention_kernel \
+      --launch-skip 2 --launch-count 1 -f -o "$OUT/profile/$name" \
+      python3 -m benchmarks.profile_case "$case" "$dtypes" $extra > "$OUT/profile/$name.log" 2>&1
+    "$NCU" --import "$OUT/profile/$name.ncu-rep" --page details > "$OUT/profile/$name-details.txt" 2>&1
+    "$NCU" --import "$OUT/profile/$name.ncu-rep" --page source --print-source sass --csv \
+      > "$OUT/profile/$name-sass.csv" 2>&1
+    echo "== $name"; grep -E "Duration|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occ|Issue Slots Busy|No Eligible" \
+      "$OUT/profile/$name-details.txt" | head -12
+  done <<< "$PROFILE_CASES"
+  tar -C "$OUT" -czf "$OUT/profile.tar.gz" profile && rm -rf "$OUT/profile"
 fi

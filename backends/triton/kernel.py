@@ -200,6 +200,58 @@ def _to_fp16(x, USE_PTX: tl.constexpr):
 
 
 @triton.jit
+def _byte_pairs_to_fp16(pairs, cache_ty: tl.constexpr, USE_PTX: tl.constexpr):
+    """int16 words holding two cache bytes of type cache_ty (fp8 e4m3 / e5m2 or int8; the lower byte
+    is the lower element) to two fp16 tensors (lower elements, upper elements), exactly.
+
+    On the GPU a few instructions per word: cvt.rn.f16x2.e4m3x2 / .e5m2x2, or for int8 the byte
+    permute and fp16x2 subtraction of `_int8_to_fp16`. The interpreter has no inline PTX: there the
+    bytes are split with integer operations and converted one at a time (same values).
+    """
+    if USE_PTX:
+        if cache_ty == tl.int8:
+            lower, upper = tl.inline_asm_elementwise(
+                """
+                {
+                .reg .b32 word, packed, high, bias;
+                cvt.u32.u16 word, $2;
+                xor.b32 word, word, 0x8080;
+                mov.b32 high, 0x64646464;
+                mov.b32 bias, 0x64806480;
+                prmt.b32 packed, word, high, 0x5140;
+                sub.f16x2 packed, packed, bias;
+                mov.b32 {$0, $1}, packed;
+                }
+                """,
+                "=h,=h,h", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        elif cache_ty == tl.float8e5:
+            lower, upper = tl.inline_asm_elementwise(
+                """
+                {
+                .reg .b32 packed;
+                cvt.rn.f16x2.e5m2x2 packed, $2;
+                mov.b32 {$0, $1}, packed;
+                }
+                """,
+                "=h,=h,h", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        else:
+            tl.static_assert(cache_ty == tl.float8e4nv)
+            lower, upper = tl.inline_asm_elementwise(
+                """
+                {
+                .reg .b32 packed;
+                cvt.rn.f16x2.e4m3x2 packed, $2;
+                mov.b32 {$0, $1}, packed;
+                }
+                """,
+                "=h,=h,h", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        lower = (pairs & 0xFF).to(tl.uint8).to(cache_ty, bitcast=True).to(tl.float16)
+        upper = ((pairs >> 8) & 0xFF).to(tl.uint8).to(cache_ty, bitcast=True).to(tl.float16)
+    return lower, upper
+
+
+@triton.jit
 def _finish_output(acc, row_sum, V_scale, Output_scale, out_ty: tl.constexpr, KV_QUANT: tl.constexpr,
                    OUT_FP8: tl.constexpr):
     """acc / row_sum with the epilogue scales, cast to the output dtype; row_sum broadcasts against acc."""
@@ -228,7 +280,7 @@ def _attend_kv_tile(
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr,  #
     KV_QUANT: tl.constexpr, Q_FP8: tl.constexpr, PV_DTYPE: tl.constexpr,  #
     IS_CAUSAL: tl.constexpr, USE_SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,  #
-    USE_ALIBI: tl.constexpr, USE_PTX: tl.constexpr, MASKED: tl.constexpr,  #
+    USE_ALIBI: tl.constexpr, USE_PTX: tl.constexpr, V_PAIRS: tl.constexpr, MASKED: tl.constexpr,  #
 ):
     """One KV tile of TILE_N keys: scores, online-softmax update, acc += P V.
 
@@ -250,9 +302,24 @@ def _attend_kv_tile(
     v_ptrs = V_cache + (page * stride_vb + slot * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :] * stride_vd
     if MASKED or HEAD_SIZE != HEAD_SIZE_PADDED:
         k = tl.load(k_ptrs, mask=d_valid[:, None] & key_valid[None, :], other=0.0)  # [HEAD_SIZE_PADDED, TILE_N]
-        v = tl.load(v_ptrs, mask=key_valid[:, None] & d_valid[None, :], other=0.0)  # [TILE_N, HEAD_SIZE_PADDED]
     else:
         k = tl.load(k_ptrs)
+    if V_PAIRS:
+        # The quantized V tile, read as byte pairs and converted to fp16 *before* it is staged in
+        # shared memory for the P @ V operand (see the module docstring, "V_PAIRS").
+        offs_pair = tl.arange(0, HEAD_SIZE_PADDED // 2)
+        pair_ptrs = (V_cache.to(tl.pointer_type(tl.int16))
+                     + ((page * stride_vb + slot * stride_vs + kv_head * stride_vh) // 2)[:, None]
+                     + offs_pair[None, :])
+        if MASKED or HEAD_SIZE != HEAD_SIZE_PADDED:
+            pairs = tl.load(pair_ptrs, mask=key_valid[:, None] & (offs_pair < HEAD_SIZE // 2)[None, :], other=0)
+        else:
+            pairs = tl.load(pair_ptrs)
+        v_lower, v_upper = _byte_pairs_to_fp16(pairs, V_cache.dtype.element_ty, USE_PTX)
+        v = tl.reshape(tl.join(v_lower, v_upper), [TILE_N, HEAD_SIZE_PADDED])  # [TILE_N, HEAD_SIZE_PADDED] fp16
+    elif MASKED or HEAD_SIZE != HEAD_SIZE_PADDED:
+        v = tl.load(v_ptrs, mask=key_valid[:, None] & d_valid[None, :], other=0.0)  # [TILE_N, HEAD_SIZE_PADDED]
+    else:
         v = tl.load(v_ptrs)
 
     # -- scores S = Q K^T, scaled to real values (log2 domain) --
@@ -337,6 +404,7 @@ def unified_attention_kernel(
     USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr, SPLIT_KV: tl.constexpr,  #
     USE_PTX: tl.constexpr,  # inline PTX allowed (compiled for a GPU, not the interpreter)
     UNMASKED_INTERIOR: tl.constexpr,  # interior KV tiles in their own loop without masks (Tiles.unmasked_interior)
+    V_PAIRS: tl.constexpr,  # quantized V read as byte pairs and converted before staging (Tiles.v_pairs)
 ):
     tl.static_assert(BLOCK_Q * NUM_QUERIES_PER_KV <= BLOCK_M)
     tl.static_assert(BLOCK_Q >= 1)
@@ -344,6 +412,9 @@ def unified_attention_kernel(
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(TILE_N >= 16)
     tl.static_assert(HEAD_SIZE_PADDED >= 16)
+    if V_PAIRS:
+        tl.static_assert(KV_QUANT != KV_QUANT_NONE)
+        tl.static_assert(HEAD_SIZE % 2 == 0)
     if Q_FP8:
         # An fp8 tensor-core dot (Q @ K^T) needs a reduction dimension of at least 32.
         tl.static_assert(HEAD_SIZE_PADDED >= 32)
@@ -449,7 +520,7 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, True)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, True)
     for kv_tile in range(full_tile_begin, full_tile_end):
         acc, m_i, l_i, acc_exp = _attend_kv_tile(
             acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
@@ -458,7 +529,7 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, False)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, False)
     for kv_tile in range(full_tile_end, tile_end):
         acc, m_i, l_i, acc_exp = _attend_kv_tile(
             acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
@@ -467,7 +538,7 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, True)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, True)
     if PER_TOKEN_HEAD:
         acc = acc * _pow2(-acc_exp)
 

@@ -53,6 +53,13 @@ class Tiles:
     separate loop compiled without masks (the edge tiles keep them). Faster for
     prefill and for fp8-query decode; measured slower for decode with a 16-bit
     query and a 16-bit or per-tensor fp8 cache (H200, benchmarks/RESULTS.md).
+    max_registers: a cap on registers per thread (ptxas .maxnreg), trading spills
+    for more resident programs per multiprocessor; None leaves it to the compiler.
+    v_pairs: a quantized (fp8 or int8) V tile is read as byte pairs and converted
+    to fp16 before it is staged in shared memory, so the transposed P @ V operand
+    is loaded with 16-bit transposing loads instead of one byte at a time. For
+    the small (mma.sync) tiles of decode; ignored for 16-bit caches, and where
+    the value cache's strides are odd.
     """
 
     block_m: int
@@ -60,6 +67,8 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 2
     unmasked_interior: bool = True
+    max_registers: Optional[int] = None
+    v_pairs: bool = False
 
 
 def is_decode_shaped(num_tokens: int, num_seqs: int) -> bool:
@@ -148,6 +157,7 @@ class _Plan:
     block_q: int
     constexprs: dict
     reduce_constexprs: dict
+    v_pairs: bool  # tiles.v_pairs where it applies (quantized cache, even head size); strides checked per call
 
 
 @functools.lru_cache(maxsize=256)
@@ -180,7 +190,11 @@ def _plan(config: AttentionConfig, decode_shaped: bool, tiles: Optional[Tiles]) 
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )
-    return _Plan(tiles=tiles, block_q=tiles.block_m // group, constexprs=constexprs, reduce_constexprs=common)
+    if tiles.max_registers is not None:
+        constexprs["maxnreg"] = tiles.max_registers
+    v_pairs = tiles.v_pairs and config.kv_quant_mode is not KVQuantMode.NONE and config.head_size % 2 == 0
+    return _Plan(tiles=tiles, block_q=tiles.block_m // group, constexprs=constexprs, reduce_constexprs=common,
+                 v_pairs=v_pairs)
 
 
 def unified_attention(
@@ -246,6 +260,9 @@ def unified_attention(
     else:
         partials = None
         partial_strides = (0, 0, 0)
+    # Byte pairs need the value cache's head dimension contiguous and every other stride even.
+    v_strides = value_cache.stride()
+    v_pairs = plan.v_pairs and v_strides[3] == 1 and (v_strides[0] | v_strides[1] | v_strides[2]) % 2 == 0
     k_scale_strides = k_scale_cache.stride() if k_scale_cache is not None else (0, 0, 0)
     v_scale_strides = v_scale_cache.stride() if v_scale_cache is not None else (0, 0, 0)
 
@@ -271,6 +288,7 @@ def unified_attention(
         *partial_strides,  #
         SPLIT_KV=split_kv,
         USE_PTX=q.device.type == "cuda",
+        V_PAIRS=v_pairs,
         **plan.constexprs,
     )
     if split_kv:

@@ -372,6 +372,48 @@ def test_small_tiles_many_programs(kv_quant_mode, kv_cache_dtype, tiles, causal)
 
 
 @pytest.mark.parametrize(
+    "kv_quant_mode, kv_cache_dtype",
+    [
+        (KVQuantMode.FP8_PER_TENSOR, "float8_e4m3fn"),
+        (KVQuantMode.FP8_PER_TENSOR, "float8_e5m2"),
+        (KVQuantMode.FP8_PER_TOKEN_HEAD, "float8_e4m3fn"),
+        (KVQuantMode.INT8_PER_TOKEN_HEAD, "int8"),
+    ],
+    ids=["fp8_per_tensor-e4m3", "fp8_per_tensor-e5m2", "fp8_per_token_head-e4m3", "int8_per_token_head"],
+)
+@pytest.mark.parametrize("head_size", [32, 80], ids=["h32", "h80-padded"])
+def test_v_pairs(kv_quant_mode, kv_cache_dtype, head_size):
+    """Quantized V read as byte pairs and converted before staging (Tiles.v_pairs, decode's default on
+    the GPU): the pair -> (lower, upper) order, the pair pointers and their masks (a padded head size
+    and the masked edge tiles), and NaN-poisoned unused pages. Here the interpreter's integer split;
+    test_triton_gpu.py runs the inline-PTX conversion."""
+    config = make_config(kv_quant_mode=kv_quant_mode, kv_cache_dtype=kv_cache_dtype, head_size=head_size)
+    inputs = make_inputs(config, EDGE_Q_LENS, EDGE_KV_LENS, seed=head_size)
+    tiles = launcher.Tiles(block_m=16, tile_n=32, v_pairs=True)
+    assert launcher._plan(config, False, tiles).v_pairs
+    out = run_triton(config, inputs, tiles=tiles)
+    assert_close_to_oracle(out, oracle(config, inputs), **sixteen_bit_tolerance(inputs))
+
+
+def test_v_pairs_falls_back_on_odd_strides():
+    """A value cache whose head stride is odd cannot be read as aligned byte pairs: the launcher runs
+    the byte path instead, with the same numbers."""
+    config = make_config(kv_quant_mode=KVQuantMode.FP8_PER_TENSOR, kv_cache_dtype="float8_e4m3fn", head_size=32)
+    inputs = make_inputs(config, Q_LENS, KV_LENS)
+    cache = inputs.value_cache
+    padded = torch.zeros(*cache.shape[:3], cache.shape[3] + 1, dtype=cache.dtype)
+    padded[..., : cache.shape[3]] = cache
+    odd_view = padded[..., : cache.shape[3]]  # head stride 33
+    assert odd_view.stride(2) % 2 == 1
+    args = list(inputs.args)
+    args[2] = odd_view
+    tiles = launcher.Tiles(block_m=16, tile_n=32, v_pairs=True)
+    out = launcher.unified_attention(*args, config=config, tiles=tiles, **inputs.kwargs)
+    reference = launcher.unified_attention(*inputs.args, config=config, tiles=tiles, **inputs.kwargs)
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize(
     "head_size, kv_quant_mode, kv_cache_dtype",
     [
         (80, KVQuantMode.NONE, "float16"),

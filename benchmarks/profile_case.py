@@ -1,0 +1,67 @@
+"""python -m benchmarks.profile_case CASE DTYPES [--block-size 16] [--tiles M,N,WARPS,STAGES,INTERIOR]
+
+Runs the Triton backend on one benchmark case a few times, for a profiler to
+attach to: `scripts/gpu-checks.sh profile` wraps it in Nsight Compute
+(`ncu --launch-skip 2 --launch-count 1 -k regex:unified_attention_kernel`), so
+the profiled launch is the third, after compilation and a warm-up. It times
+nothing itself; the benchmark (`benchmarks.attention`) does.
+
+--tiles overrides `choose_tiles` (e.g. 16,128,4,2,0 for a decode tile of 16
+rows, 128 keys, 4 warps, 2 stages, one masked loop; a sixth number caps registers per thread), to
+profile a variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from benchmarks.attention import DTYPES, HEAD_SIZE, HEADS, KV_HEADS, SHAPES
+
+LAUNCHES = 3  # 2 skipped by the profiler (compile, warm-up), 1 profiled
+
+
+def parse_tiles(text: str):
+    from backends.triton.launcher import Tiles
+
+    fields = [int(x) for x in text.split(",")]
+    block_m, tile_n, warps, stages, interior = fields[:5]
+    return Tiles(block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages, unmasked_interior=bool(interior),
+                 max_registers=fields[5] if len(fields) > 5 else None)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_case", description=__doc__.splitlines()[0])
+    parser.add_argument("case", choices=list(SHAPES))
+    parser.add_argument("dtypes", choices=list(DTYPES))
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--tiles", type=parse_tiles, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.profile_case needs a CUDA device")
+        return 2
+
+    import dispatch
+    from backends.triton import launcher
+    from dispatch.testing import make_inputs
+
+    _, q_lens, kv_lens = SHAPES[args.case]
+    config = dispatch.AttentionConfig(num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
+                                      block_size=args.block_size, backend="triton", **DTYPES[args.dtypes])
+    inputs = make_inputs(config, q_lens, kv_lens, device="cuda", poison=False, extra_blocks=0,
+                         generate_on_device=True)
+    torch.cuda.empty_cache()  # drop the generator's scratch: the profiler saves and restores device memory
+    decode = launcher.is_decode_shaped(sum(q_lens), len(q_lens))
+    tiles = args.tiles or launcher.choose_tiles(HEAD_SIZE, HEADS // KV_HEADS, config.q_is_fp8, decode,
+                                                config.kv_quant_mode)
+    print(f"{args.case} {args.dtypes} block size {args.block_size}: {tiles}", flush=True)
+    for _ in range(LAUNCHES):
+        launcher.unified_attention(*inputs.args, config=config, tiles=tiles, **inputs.kwargs)
+    torch.cuda.synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
