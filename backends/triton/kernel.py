@@ -280,7 +280,8 @@ def _attend_kv_tile(
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr,  #
     KV_QUANT: tl.constexpr, Q_FP8: tl.constexpr, PV_DTYPE: tl.constexpr,  #
     IS_CAUSAL: tl.constexpr, USE_SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,  #
-    USE_ALIBI: tl.constexpr, USE_PTX: tl.constexpr, V_PAIRS: tl.constexpr, MASKED: tl.constexpr,  #
+    USE_ALIBI: tl.constexpr, USE_PTX: tl.constexpr, V_PAIRS: tl.constexpr, WIDE_OFFSETS: tl.constexpr,  #
+    MASKED: tl.constexpr,  #
 ):
     """One KV tile of TILE_N keys: scores, online-softmax update, acc += P V.
 
@@ -296,7 +297,8 @@ def _attend_kv_tile(
     else:
         key_valid = offs_n < kv_end  # all true here; used only by the HEAD_SIZE-padded loads
         page = tl.load(block_table_row + offs_n // BLOCK_SIZE)
-    page = page.to(tl.int64)
+    if WIDE_OFFSETS:
+        page = page.to(tl.int64)
     slot = offs_n % BLOCK_SIZE
     k_ptrs = K_cache + (page * stride_kb + slot * stride_ks + kv_head * stride_kh)[None, :] + offs_d[:, None] * stride_kd
     v_ptrs = V_cache + (page * stride_vb + slot * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :] * stride_vd
@@ -405,6 +407,7 @@ def unified_attention_kernel(
     USE_PTX: tl.constexpr,  # inline PTX allowed (compiled for a GPU, not the interpreter)
     UNMASKED_INTERIOR: tl.constexpr,  # interior KV tiles in their own loop without masks (Tiles.unmasked_interior)
     V_PAIRS: tl.constexpr,  # quantized V read as byte pairs and converted before staging (Tiles.v_pairs)
+    WIDE_OFFSETS: tl.constexpr,  # some cache offset may pass 2^31 - 1: page offsets in int64
 ):
     tl.static_assert(BLOCK_Q * NUM_QUERIES_PER_KV <= BLOCK_M)
     tl.static_assert(BLOCK_Q >= 1)
@@ -520,7 +523,7 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, True)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS, True)
     for kv_tile in range(full_tile_begin, full_tile_end):
         acc, m_i, l_i, acc_exp = _attend_kv_tile(
             acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
@@ -529,7 +532,7 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, False)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS, False)
     for kv_tile in range(full_tile_end, tile_end):
         acc, m_i, l_i, acc_exp = _attend_kv_tile(
             acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
@@ -538,7 +541,7 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, True)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS, True)
     if PER_TOKEN_HEAD:
         acc = acc * _pow2(-acc_exp)
 

@@ -149,6 +149,12 @@ def choose_num_kv_splits(
     return max(1, min(splits, MAX_KV_SPLITS, max_kv_len_bound // MIN_KEYS_PER_SPLIT))
 
 
+def _needs_wide_offsets(cache: torch.Tensor) -> bool:
+    """Whether an element offset into `cache` can reach 2^31 (the kernel then computes page offsets in
+    int64). Metadata only; a non-contiguous view is assumed to need them."""
+    return cache.numel() >= 2**31 or not cache.is_contiguous()
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Everything about a launch that depends on the config alone (cached)."""
@@ -260,6 +266,11 @@ def unified_attention(
     else:
         partials = None
         partial_strides = (0, 0, 0)
+    # Page offsets in int32 where no cache element lies 2^31 or more elements past its start (a
+    # contiguous cache under 2^31 elements): a third fewer index instructions than int64.
+    wide_offsets = _needs_wide_offsets(key_cache) or _needs_wide_offsets(value_cache)
+    if k_scale_cache is not None:
+        wide_offsets = wide_offsets or _needs_wide_offsets(k_scale_cache) or _needs_wide_offsets(v_scale_cache)
     # Byte pairs need the value cache's head dimension contiguous and every other stride even.
     v_strides = value_cache.stride()
     v_pairs = plan.v_pairs and v_strides[3] == 1 and (v_strides[0] | v_strides[1] | v_strides[2]) % 2 == 0
@@ -289,6 +300,7 @@ def unified_attention(
         SPLIT_KV=split_kv,
         USE_PTX=q.device.type == "cuda",
         V_PAIRS=v_pairs,
+        WIDE_OFFSETS=wide_offsets,
         **plan.constexprs,
     )
     if split_kv:
