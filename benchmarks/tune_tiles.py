@@ -20,6 +20,15 @@ import torch
 from benchmarks.attention import DTYPES, HEAD_SIZE, HEADS, KV_HEADS, SHAPES, Timer, kv_bytes_read, visible_pairs
 
 
+def _describe(tiles, wide) -> str:
+    loop = "unmasked interior" if tiles.unmasked_interior else "one masked loop"
+    other = [name for name, on in (("v pairs", tiles.v_pairs), ("lazy rescale", tiles.lazy_rescale)) if on]
+    if tiles.max_registers:
+        other.append(f"maxnreg {tiles.max_registers}")
+    return (f"{tiles.block_m} | {tiles.tile_n} | {tiles.num_warps} | {tiles.num_stages} | {loop} | "
+            f"{', '.join(other) or '-'} | {'int64' if wide else 'default'}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_tiles", description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="decode-64x8k", choices=list(SHAPES))
@@ -30,12 +39,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tile-n", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--stages", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument("--interior", choices=["default", "unmasked", "masked", "both"], default="default",
+                        help="loop structure: the default's, interior tiles unmasked, one masked loop, or both")
     parser.add_argument("--maxnreg", nargs="+", type=int, default=[0],
                         help="register caps per thread to try (0: the compiler's choice)")
     parser.add_argument("--v-pairs", nargs="+", type=int, default=None, choices=[0, 1],
-                        help="quantized V staged as fp16 byte pairs: 0, 1 or both (default: the default's)")
-    parser.add_argument("--interior", choices=["default", "unmasked", "masked", "both"], default="default",
-                        help="loop structure: the default's, interior tiles unmasked, one masked loop, or both")
+                        help="Tiles.v_pairs values to try (default: the default's)")
+    parser.add_argument("--lazy-rescale", nargs="+", type=int, default=None, choices=[0, 1],
+                        help="Tiles.lazy_rescale values to try (default: the default's)")
+    parser.add_argument("--offsets", choices=["default", "wide", "both"], default="default",
+                        help="page offsets: the launcher's choice (int32 for these caches), int64, or both")
     parser.add_argument("--jobs", type=int, default=1,
                         help="compile the variants in this many processes first (Triton's disk cache keeps them)")
     parser.add_argument("--shard", type=int, nargs=2, default=None, metavar=("I", "N"), help=argparse.SUPPRESS)
@@ -58,7 +71,7 @@ def main(argv=None) -> int:
     timer = Timer("cuda", warmup=3, runs=20)
     kind, q_lens, kv_lens = SHAPES[args.case]
     print(f"case {args.case}, block size {args.block_size}, {torch.cuda.get_device_name()}")
-    print("| dtypes | block_m | tile_n | warps | stages | loop | maxnreg | v pairs | median ms | rate "
+    print("| dtypes | block_m | tile_n | warps | stages | loop | other | offsets | median ms | rate "
           "| max |diff| vs default |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
@@ -71,42 +84,41 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         decode = launcher.is_decode_shaped(sum(q_lens), len(q_lens))
         base = launcher.choose_tiles(HEAD_SIZE, HEADS // KV_HEADS, config.q_is_fp8, decode, config.kv_quant_mode)
-        rows = []
         interiors = {"default": [base.unmasked_interior], "unmasked": [True], "masked": [False],
                      "both": [True, False]}[args.interior]
-        variants = itertools.product(args.block_m or [base.block_m], args.tile_n, args.warps, args.stages, interiors,
-                                     args.maxnreg, [bool(x) for x in args.v_pairs] if args.v_pairs else [base.v_pairs])
-        for index, (block_m, tile_n, warps, stages, interior, maxnreg, v_pairs) in enumerate(variants):
-            tiles = launcher.Tiles(block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages,
-                                   unmasked_interior=interior, max_registers=maxnreg or None, v_pairs=v_pairs)
+        offsets = {"default": [None], "wide": [True], "both": [None, True]}[args.offsets]
+        variants = [
+            (launcher.Tiles(block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages,
+                            unmasked_interior=interior, max_registers=maxnreg or None, v_pairs=bool(v_pairs),
+                            lazy_rescale=bool(lazy)), wide)
+            for block_m, tile_n, warps, stages, interior, maxnreg, v_pairs, lazy, wide in itertools.product(
+                args.block_m or [base.block_m], args.tile_n, args.warps, args.stages, interiors, args.maxnreg,
+                args.v_pairs or [base.v_pairs], args.lazy_rescale or [base.lazy_rescale], offsets)
+        ]
+        rows = []
+        for index, (tiles, wide) in enumerate(variants):
+            def launch():
+                return launcher.unified_attention(*inputs.args, config=config, tiles=tiles, wide_offsets=wide,
+                                                  **kwargs)
             if args.shard is not None:
                 if index % args.shard[1] == args.shard[0]:
                     try:  # compile only; errors are reported by the timing pass
-                        launcher.unified_attention(*inputs.args, config=config, tiles=tiles, **kwargs)
+                        launch()
                     except Exception:
                         pass
                 continue
             try:
-                out = launcher.unified_attention(*inputs.args, config=config, tiles=tiles, **kwargs)
-                diff = float((out.float() - default).abs().max())
-                ms = statistics.median(timer(lambda: launcher.unified_attention(*inputs.args, config=config,
-                                                                                   tiles=tiles, **kwargs)))
+                diff = float((launch().float() - default).abs().max())
+                rows.append((statistics.median(timer(launch)), tiles, wide, diff))
             except Exception as exc:  # a variant that does not compile is reported, not hidden
-                print(f"| {dtype_name} | {block_m} | {tile_n} | {warps} | {stages} | {interior} | {maxnreg or '-'} | "
-                      f"{int(v_pairs)} | error: {type(exc).__name__} | | |")
-                continue
-            rows.append((ms, block_m, tile_n, warps, stages, interior, maxnreg, v_pairs, diff))
-        for ms, block_m, tile_n, warps, stages, interior, maxnreg, v_pairs, diff in sorted(rows):
-            mark = (" (default)" if launcher.Tiles(block_m, tile_n, warps, stages, interior, maxnreg or None, v_pairs)
-                    == base else "")
+                print(f"| {dtype_name} | {_describe(tiles, wide)} | error: {type(exc).__name__} | | |")
+        for ms, tiles, wide, diff in sorted(rows, key=lambda row: row[0]):
+            mark = " (default)" if tiles == base and wide is None else ""
             if kind == "decode":
                 rate = f"{kv_bytes_read(config, kv_lens) / (ms / 1e3) / 1e12:.2f} TB/s"
             else:
                 rate = f"{4 * visible_pairs(q_lens, kv_lens) * HEADS * HEAD_SIZE / (ms / 1e3) / 1e12:.1f} TFLOP/s"
-            loop = "unmasked interior" if interior else "one masked loop"
-            print(f"| {dtype_name} | {block_m} | {tile_n} | {warps} | {stages} | {loop}{mark} | {maxnreg or '-'} | "
-                  f"{int(v_pairs)} | {ms:.3f} | {rate} | "
-                  f"{diff:.2e} |", flush=True)
+            print(f"| {dtype_name} | {_describe(tiles, wide)}{mark} | {ms:.3f} | {rate} | {diff:.2e} |", flush=True)
     return 0
 
 

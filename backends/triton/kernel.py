@@ -116,6 +116,8 @@ KV_QUANT_FP8_PER_TOKEN_HEAD = tl.constexpr(2)
 KV_QUANT_INT8_PER_TOKEN_HEAD = tl.constexpr(3)
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# LAZY_RESCALE: how far (log2 units) a row's max may rise before acc is rescaled; p <= 2^8.
+RESCALE_THRESHOLD = tl.constexpr(8.0)
 FP8_E4M3_MAX = tl.constexpr(448.0)
 
 
@@ -281,7 +283,7 @@ def _attend_kv_tile(
     KV_QUANT: tl.constexpr, Q_FP8: tl.constexpr, PV_DTYPE: tl.constexpr,  #
     IS_CAUSAL: tl.constexpr, USE_SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,  #
     USE_ALIBI: tl.constexpr, USE_PTX: tl.constexpr, V_PAIRS: tl.constexpr, WIDE_OFFSETS: tl.constexpr,  #
-    MASKED: tl.constexpr,  #
+    LAZY_RESCALE: tl.constexpr, MASKED: tl.constexpr,  #
 ):
     """One KV tile of TILE_N keys: scores, online-softmax update, acc += P V.
 
@@ -351,6 +353,13 @@ def _attend_kv_tile(
 
     # -- online softmax update --
     m_new = tl.maximum(m_i, tl.max(s, 1))
+    if LAZY_RESCALE:
+        # A row keeps its running max unless the new one is larger by more than RESCALE_THRESHOLD
+        # (log2 units): p <= 2^RESCALE_THRESHOLD then, harmless in fp32 and in the 16-bit P, and acc
+        # is rescaled only in tiles where some row's max moved (rarely, once the first keys are in).
+        # -inf + threshold is -inf: a row's first finite max always moves.
+        grew = m_new > m_i + RESCALE_THRESHOLD
+        m_new = tl.where(grew, m_new, m_i)
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     else:
@@ -358,6 +367,12 @@ def _attend_kv_tile(
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if LAZY_RESCALE:
+        # One uniform branch per tile; rows reaching their first keys have acc = 0 and need nothing.
+        if tl.max((grew & (m_i > float("-inf"))).to(tl.int32), 0) > 0:
+            acc = acc * alpha[:, None]
+    else:
+        acc = acc * alpha[:, None]
 
     # -- acc += P V --
     if PER_TOKEN_HEAD:
@@ -372,13 +387,13 @@ def _attend_kv_tile(
         alpha = alpha * _pow2(tile_exp - acc_exp)
         acc_exp = tile_exp
         p_v = (p * (v_scale * _pow2(tile_exp))[None, :]).to(tl.float16)
-        acc = tl.dot(p_v, _to_fp16(v, USE_PTX), acc * alpha[:, None])
+        acc = tl.dot(p_v, _to_fp16(v, USE_PTX), acc)
     elif KV_QUANT == KV_QUANT_NONE and not Q_FP8:
-        acc = tl.dot(p.to(PV_DTYPE), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(PV_DTYPE), v, acc)
     else:
         # fp8 per-tensor cache: P in fp16 (relative error <= 2^-11), V converted to fp16 exactly;
         # v_scale is applied in the epilogue.
-        acc = tl.dot(p.to(tl.float16), _to_fp16(v, USE_PTX), acc * alpha[:, None])
+        acc = tl.dot(p.to(tl.float16), _to_fp16(v, USE_PTX), acc)
     return acc, m_new, l_i, acc_exp
 
 
@@ -408,6 +423,7 @@ def unified_attention_kernel(
     UNMASKED_INTERIOR: tl.constexpr,  # interior KV tiles in their own loop without masks (Tiles.unmasked_interior)
     V_PAIRS: tl.constexpr,  # quantized V read as byte pairs and converted before staging (Tiles.v_pairs)
     WIDE_OFFSETS: tl.constexpr,  # some cache offset may pass 2^31 - 1: page offsets in int64
+    LAZY_RESCALE: tl.constexpr,  # rescale acc only when a row's max grows past a threshold (Tiles.lazy_rescale)
 ):
     tl.static_assert(BLOCK_Q * NUM_QUERIES_PER_KV <= BLOCK_M)
     tl.static_assert(BLOCK_Q >= 1)
@@ -423,6 +439,9 @@ def unified_attention_kernel(
         tl.static_assert(HEAD_SIZE_PADDED >= 32)
         tl.static_assert(KV_QUANT == KV_QUANT_FP8_PER_TENSOR)
     PER_TOKEN_HEAD: tl.constexpr = KV_QUANT == KV_QUANT_FP8_PER_TOKEN_HEAD or KV_QUANT == KV_QUANT_INT8_PER_TOKEN_HEAD
+    if LAZY_RESCALE:
+        # The per-token-head paths fold v_scale into P with a renormalization that assumes p <= 1.
+        tl.static_assert(not PER_TOKEN_HEAD)
 
     tile_index = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -523,7 +542,8 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS, True)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS,
+            LAZY_RESCALE, True)
     for kv_tile in range(full_tile_begin, full_tile_end):
         acc, m_i, l_i, acc_exp = _attend_kv_tile(
             acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
@@ -532,7 +552,8 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS, False)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS,
+            LAZY_RESCALE, False)
     for kv_tile in range(full_tile_end, tile_end):
         acc, m_i, l_i, acc_exp = _attend_kv_tile(
             acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
@@ -541,7 +562,8 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS, True)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS,
+            LAZY_RESCALE, True)
     if PER_TOKEN_HEAD:
         acc = acc * _pow2(-acc_exp)
 

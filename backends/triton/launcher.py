@@ -60,6 +60,10 @@ class Tiles:
     is loaded with 16-bit transposing loads instead of one byte at a time. For
     the small (mma.sync) tiles of decode; ignored for 16-bit caches, and where
     the value cache's strides are odd.
+    lazy_rescale: rescale the output accumulator only in KV tiles where some
+    row's running max rose by more than 2^8 (kernel.RESCALE_THRESHOLD), instead
+    of every tile: one multiply per accumulator element per tile saved, for
+    one block-wide reduction. Ignored for per-token-head caches.
     """
 
     block_m: int
@@ -69,6 +73,7 @@ class Tiles:
     unmasked_interior: bool = True
     max_registers: Optional[int] = None
     v_pairs: bool = False
+    lazy_rescale: bool = False
 
 
 def is_decode_shaped(num_tokens: int, num_seqs: int) -> bool:
@@ -193,6 +198,7 @@ def _plan(config: AttentionConfig, decode_shaped: bool, tiles: Optional[Tiles]) 
         USE_SOFTCAP=config.logits_soft_cap is not None,
         USE_ALIBI=config.use_alibi,
         UNMASKED_INTERIOR=tiles.unmasked_interior,
+        LAZY_RESCALE=tiles.lazy_rescale and not config.kv_quant_mode.is_per_token_head,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )
@@ -223,6 +229,7 @@ def unified_attention(
     out: Optional[torch.Tensor] = None,
     num_kv_splits: Optional[int] = None,
     tiles: Optional[Tiles] = None,
+    wide_offsets: Optional[bool] = None,
 ) -> torch.Tensor:
     """Run the unified kernel (and, when split, the reduction). Arguments as in
     `backends.triton.forward`, already validated by the dispatcher.
@@ -231,6 +238,9 @@ def unified_attention(
         many KV segments (1 = the single-pass path). For tests and tuning.
     tiles: None picks `choose_tiles`' defaults, or with DISPATCH_TRITON_AUTOTUNE=1 the tiles tuned
         for this (GPU, config, shape bucket) (see autotune.py); a `Tiles` overrides both.
+    wide_offsets: None computes page offsets in int64 only where a cache needs them
+        (`_needs_wide_offsets`); True forces int64 (for tests and tuning). False is refused where a
+        cache needs them.
     """
     num_tokens, num_heads, head_size = q.shape
     num_seqs = seq_lens.shape[0]
@@ -250,7 +260,7 @@ def unified_attention(
                 q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config=config, q_scale=q_scale,
                 k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache,
                 alibi_slopes=alibi_slopes, sinks=sinks, output_scale=output_scale, out=out,
-                num_kv_splits=num_kv_splits, tiles=candidate),
+                num_kv_splits=num_kv_splits, tiles=candidate, wide_offsets=wide_offsets),
         )
     plan = _plan(config, decode_shaped, tiles)
     if num_kv_splits is None:
@@ -268,9 +278,14 @@ def unified_attention(
         partial_strides = (0, 0, 0)
     # Page offsets in int32 where no cache element lies 2^31 or more elements past its start (a
     # contiguous cache under 2^31 elements): a third fewer index instructions than int64.
-    wide_offsets = _needs_wide_offsets(key_cache) or _needs_wide_offsets(value_cache)
+    needs_wide = _needs_wide_offsets(key_cache) or _needs_wide_offsets(value_cache)
     if k_scale_cache is not None:
-        wide_offsets = wide_offsets or _needs_wide_offsets(k_scale_cache) or _needs_wide_offsets(v_scale_cache)
+        needs_wide = needs_wide or _needs_wide_offsets(k_scale_cache) or _needs_wide_offsets(v_scale_cache)
+    if wide_offsets is None:
+        wide_offsets = needs_wide
+    elif not wide_offsets and needs_wide:
+        raise ValueError("wide_offsets: False is only valid for contiguous caches under 2^31 elements, got "
+                         f"key_cache {tuple(key_cache.shape)} (contiguous: {key_cache.is_contiguous()})")
     # Byte pairs need the value cache's head dimension contiguous and every other stride even.
     v_strides = value_cache.stride()
     v_pairs = plan.v_pairs and v_strides[3] == 1 and (v_strides[0] | v_strides[1] | v_strides[2]) % 2 == 0

@@ -395,6 +395,34 @@ def test_v_pairs(kv_quant_mode, kv_cache_dtype, head_size):
     assert_close_to_oracle(out, oracle(config, inputs), **sixteen_bit_tolerance(inputs))
 
 
+@pytest.mark.parametrize("kv_quant_mode, kv_cache_dtype", [(KVQuantMode.NONE, "float16"),
+                                                            (KVQuantMode.FP8_PER_TENSOR, "float8_e4m3fn")],
+                         ids=["none-fp16", "fp8_per_tensor-e4m3"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non_causal"])
+def test_lazy_rescale(kv_quant_mode, kv_cache_dtype, causal):
+    """Tiles.lazy_rescale keeps a row's max until it rises by more than 2^8: keys whose scores climb
+    slowly (below the threshold per tile, so p grows past 1 and acc goes unrescaled for a while),
+    then jump (above it, so acc must be rescaled), with a sink and a sliding window's edge tiles."""
+    config = make_config(kv_quant_mode=kv_quant_mode, kv_cache_dtype=kv_cache_dtype, causal=causal,
+                         use_sinks=True, sliding_window=100)
+    inputs = make_inputs(config, [1, 40, 17], [129, 100, 60], seed=7)
+    # Every key of sequence s, head h: k_j = ramp(j) * q_dir + noise, so q . k_j rises along j.
+    table = inputs.block_table.long()
+    for seq, kv_len in enumerate([129, 100, 60]):
+        j = torch.arange(kv_len)
+        ramp = 0.02 * j + 0.9 * (j >= kv_len // 2)  # slow climb, then one jump
+        pages, slots = table[seq, j // config.block_size], j % config.block_size
+        cache = inputs.key_cache
+        direction = torch.ones(config.head_size) / config.head_size**0.5
+        keys = (ramp[:, None, None] * direction * 6.0).expand(-1, config.num_kv_heads, -1)
+        cache[pages, slots] = (keys / (inputs.kwargs["k_scale"].float() if "k_scale" in inputs.kwargs else 1.0)
+                               ).to(cache.dtype)
+    inputs.q.copy_(inputs.q.abs() + 1.0)  # every query points along the ramp
+    tiles = launcher.Tiles(block_m=16, tile_n=16, lazy_rescale=True)
+    expected = oracle(config, inputs)
+    assert_close_to_oracle(run_triton(config, inputs, tiles=tiles), expected, **sixteen_bit_tolerance(inputs))
+
+
 def test_v_pairs_falls_back_on_odd_strides():
     """A value cache whose head stride is odd cannot be read as aligned byte pairs: the launcher runs
     the byte path instead, with the same numbers."""
