@@ -371,7 +371,7 @@ def _attend_kv_tile(
         # One uniform branch per tile; rows reaching their first keys have acc = 0 and need nothing.
         if tl.max((grew & (m_i > float("-inf"))).to(tl.int32), 0) > 0:
             acc = acc * alpha[:, None]
-    else:
+    elif not PER_TOKEN_HEAD:  # (per-token-head: alpha also changes acc's unit, below)
         acc = acc * alpha[:, None]
 
     # -- acc += P V --
@@ -387,7 +387,7 @@ def _attend_kv_tile(
         alpha = alpha * _pow2(tile_exp - acc_exp)
         acc_exp = tile_exp
         p_v = (p * (v_scale * _pow2(tile_exp))[None, :]).to(tl.float16)
-        acc = tl.dot(p_v, _to_fp16(v, USE_PTX), acc)
+        acc = tl.dot(p_v, _to_fp16(v, USE_PTX), acc * alpha[:, None])
     elif KV_QUANT == KV_QUANT_NONE and not Q_FP8:
         acc = tl.dot(p.to(PV_DTYPE), v, acc)
     else:
