@@ -7,8 +7,7 @@ the profiled launch is the third, after compilation and a warm-up. It times
 nothing itself; the benchmark (`benchmarks.attention`) does.
 
 --tiles overrides `choose_tiles` (e.g. 16,128,4,2,0 for a decode tile of 16
-rows, 128 keys, 4 warps, 2 stages, one masked loop; optional sixth and seventh numbers: a register
-cap per thread (0 for none) and 1 for Tiles.v_pairs), to profile a variant.
+rows, 128 keys, 4 warps, 2 stages, one masked loop), to profile a variant.
 """
 
 from __future__ import annotations
@@ -26,10 +25,8 @@ LAUNCHES = 3  # 2 skipped by the profiler (compile, warm-up), 1 profiled
 def parse_tiles(text: str):
     from backends.triton.launcher import Tiles
 
-    fields = [int(x) for x in text.split(",")] + [0, 0]
-    block_m, tile_n, warps, stages, interior, max_registers, v_pairs = fields[:7]
-    return Tiles(block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages, unmasked_interior=bool(interior),
-                 max_registers=max_registers or None, v_pairs=bool(v_pairs))
+    block_m, tile_n, warps, stages, interior = (int(x) for x in text.split(","))
+    return Tiles(block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages, unmasked_interior=bool(interior))
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ def compile_kernel(args):
         BLOCK_SIZE=16, BLOCK_Q=block_m // 4, BLOCK_M=block_m, TILE_N=args.tile_n or (128 if decode else 64),
         KV_QUANT=MODES[args.mode], Q_FP8=args.q == "fp8", OUT_FP8=False, IS_CAUSAL=True, USE_SLIDING_WINDOW=False,
         USE_SOFTCAP=False, USE_ALIBI=False, USE_SINKS=False, SPLIT_KV=False, USE_PTX=True,
-        UNMASKED_INTERIOR=not args.one_masked_loop, V_PAIRS=args.v_pairs, WIDE_OFFSETS=not args.narrow_offsets, LAZY_RESCALE=args.lazy_rescale,
+        UNMASKED_INTERIOR=not args.one_masked_loop, WIDE_OFFSETS=args.wide_offsets,
         # what the JIT specializes: unit strides become constants
         stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_ksch=1, stride_vsch=1,
     )
@@ -64,7 +64,7 @@ def compile_kernel(args):
     src = ASTSource(kernel.unified_attention_kernel, signature,
                     {(params.index(k),): v for k, v in constexprs.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=args.warps, num_stages=args.stages, maxnreg=args.maxnreg))
+                          options=dict(num_warps=args.warps, num_stages=args.stages))
 
 
 def main(argv=None) -> int:
@@ -78,11 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tile-n", type=int, default=None)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (ptx .maxnreg)")
     parser.add_argument("--one-masked-loop", action="store_true")
-    parser.add_argument("--narrow-offsets", action="store_true", help="int32 cache offsets (a cache < 2^31 elements)")
-    parser.add_argument("--lazy-rescale", action="store_true", help="Tiles.lazy_rescale")
-    parser.add_argument("--v-pairs", action="store_true", help="quantized V staged as fp16 byte pairs (Tiles.v_pairs)")
+    parser.add_argument("--wide-offsets", action="store_true", help="int64 page offsets (a cache of >= 2^31 elements)")
     parser.add_argument("--sass", help="also write the disassembly to this file")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)

@@ -22,11 +22,8 @@ from benchmarks.attention import DTYPES, HEAD_SIZE, HEADS, KV_HEADS, SHAPES, Tim
 
 def _describe(tiles, wide) -> str:
     loop = "unmasked interior" if tiles.unmasked_interior else "one masked loop"
-    other = [name for name, on in (("v pairs", tiles.v_pairs), ("lazy rescale", tiles.lazy_rescale)) if on]
-    if tiles.max_registers:
-        other.append(f"maxnreg {tiles.max_registers}")
     return (f"{tiles.block_m} | {tiles.tile_n} | {tiles.num_warps} | {tiles.num_stages} | {loop} | "
-            f"{', '.join(other) or '-'} | {'int64' if wide else 'default'}")
+            f"{'int64' if wide else 'default'}")
 
 
 def main(argv=None) -> int:
@@ -41,12 +38,6 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", nargs="+", type=int, default=[2, 3, 4])
     parser.add_argument("--interior", choices=["default", "unmasked", "masked", "both"], default="default",
                         help="loop structure: the default's, interior tiles unmasked, one masked loop, or both")
-    parser.add_argument("--maxnreg", nargs="+", type=int, default=[0],
-                        help="register caps per thread to try (0: the compiler's choice)")
-    parser.add_argument("--v-pairs", nargs="+", type=int, default=None, choices=[0, 1],
-                        help="Tiles.v_pairs values to try (default: the default's)")
-    parser.add_argument("--lazy-rescale", nargs="+", type=int, default=None, choices=[0, 1],
-                        help="Tiles.lazy_rescale values to try (default: the default's)")
     parser.add_argument("--offsets", choices=["default", "wide", "both"], default="default",
                         help="page offsets: the launcher's choice (int32 for these caches), int64, or both")
     parser.add_argument("--jobs", type=int, default=1,
@@ -71,9 +62,9 @@ def main(argv=None) -> int:
     timer = Timer("cuda", warmup=3, runs=20)
     kind, q_lens, kv_lens = SHAPES[args.case]
     print(f"case {args.case}, block size {args.block_size}, {torch.cuda.get_device_name()}")
-    print("| dtypes | block_m | tile_n | warps | stages | loop | other | offsets | median ms | rate "
+    print("| dtypes | block_m | tile_n | warps | stages | loop | page offsets | median ms | rate "
           "| max |diff| vs default |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         config = dispatch.AttentionConfig(num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
                                           block_size=args.block_size, backend="triton", **DTYPES[dtype_name])
@@ -89,11 +80,9 @@ def main(argv=None) -> int:
         offsets = {"default": [None], "wide": [True], "both": [None, True]}[args.offsets]
         variants = [
             (launcher.Tiles(block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages,
-                            unmasked_interior=interior, max_registers=maxnreg or None, v_pairs=bool(v_pairs),
-                            lazy_rescale=bool(lazy)), wide)
-            for block_m, tile_n, warps, stages, interior, maxnreg, v_pairs, lazy, wide in itertools.product(
-                args.block_m or [base.block_m], args.tile_n, args.warps, args.stages, interiors, args.maxnreg,
-                args.v_pairs or [base.v_pairs], args.lazy_rescale or [base.lazy_rescale], offsets)
+                            unmasked_interior=interior), wide)
+            for block_m, tile_n, warps, stages, interior, wide in itertools.product(
+                args.block_m or [base.block_m], args.tile_n, args.warps, args.stages, interiors, offsets)
         ]
         rows = []
         for index, (tiles, wide) in enumerate(variants):

@@ -24,9 +24,12 @@ KV loop
 -------
 Keys are visited in tiles of TILE_N, each key gathered through the block
 table (page = block_table[seq, j // BLOCK_SIZE], slot = j % BLOCK_SIZE), so
-the tile size does not depend on the page size. Page ids are widened to int64
-before they multiply a stride: num_blocks * block_size * H_kv * D can pass
-2^31. The loop covers only keys some row of the tile can see: it stops after
+the tile size does not depend on the page size. With WIDE_OFFSETS, page ids
+are widened to int64 before they multiply a stride: num_blocks * block_size *
+H_kv * D can pass 2^31. The launcher sets it only where a cache needs it (not
+contiguous, or 2^31 elements or more): the int32 offsets of every other cache
+take a quarter fewer instructions in prefill (the gather's address arithmetic
+was a quarter of all instructions; +16% prefill throughput on an H200). The loop covers only keys some row of the tile can see: it stops after
 the last key visible to the tile's last query when causal (mask aligned
 bottom-right: query i sits at position kv_len - q_len + i) and starts at the
 first key inside the sliding window of the tile's first query. Loads outside
@@ -116,8 +119,6 @@ KV_QUANT_FP8_PER_TOKEN_HEAD = tl.constexpr(2)
 KV_QUANT_INT8_PER_TOKEN_HEAD = tl.constexpr(3)
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# LAZY_RESCALE: how far (log2 units) a row's max may rise before acc is rescaled; p <= 2^8.
-RESCALE_THRESHOLD = tl.constexpr(8.0)
 FP8_E4M3_MAX = tl.constexpr(448.0)
 
 
@@ -202,58 +203,6 @@ def _to_fp16(x, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def _byte_pairs_to_fp16(pairs, cache_ty: tl.constexpr, USE_PTX: tl.constexpr):
-    """int16 words holding two cache bytes of type cache_ty (fp8 e4m3 / e5m2 or int8; the lower byte
-    is the lower element) to two fp16 tensors (lower elements, upper elements), exactly.
-
-    On the GPU a few instructions per word: cvt.rn.f16x2.e4m3x2 / .e5m2x2, or for int8 the byte
-    permute and fp16x2 subtraction of `_int8_to_fp16`. The interpreter has no inline PTX: there the
-    bytes are split with integer operations and converted one at a time (same values).
-    """
-    if USE_PTX:
-        if cache_ty == tl.int8:
-            lower, upper = tl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 word, packed, high, bias;
-                cvt.u32.u16 word, $2;
-                xor.b32 word, word, 0x8080;
-                mov.b32 high, 0x64646464;
-                mov.b32 bias, 0x64806480;
-                prmt.b32 packed, word, high, 0x5140;
-                sub.f16x2 packed, packed, bias;
-                mov.b32 {$0, $1}, packed;
-                }
-                """,
-                "=h,=h,h", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-        elif cache_ty == tl.float8e5:
-            lower, upper = tl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 packed;
-                cvt.rn.f16x2.e5m2x2 packed, $2;
-                mov.b32 {$0, $1}, packed;
-                }
-                """,
-                "=h,=h,h", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-        else:
-            tl.static_assert(cache_ty == tl.float8e4nv)
-            lower, upper = tl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 packed;
-                cvt.rn.f16x2.e4m3x2 packed, $2;
-                mov.b32 {$0, $1}, packed;
-                }
-                """,
-                "=h,=h,h", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    else:
-        lower = (pairs & 0xFF).to(tl.uint8).to(cache_ty, bitcast=True).to(tl.float16)
-        upper = ((pairs >> 8) & 0xFF).to(tl.uint8).to(cache_ty, bitcast=True).to(tl.float16)
-    return lower, upper
-
-
-@triton.jit
 def _finish_output(acc, row_sum, V_scale, Output_scale, out_ty: tl.constexpr, KV_QUANT: tl.constexpr,
                    OUT_FP8: tl.constexpr):
     """acc / row_sum with the epilogue scales, cast to the output dtype; row_sum broadcasts against acc."""
@@ -282,8 +231,7 @@ def _attend_kv_tile(
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr,  #
     KV_QUANT: tl.constexpr, Q_FP8: tl.constexpr, PV_DTYPE: tl.constexpr,  #
     IS_CAUSAL: tl.constexpr, USE_SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,  #
-    USE_ALIBI: tl.constexpr, USE_PTX: tl.constexpr, V_PAIRS: tl.constexpr, WIDE_OFFSETS: tl.constexpr,  #
-    LAZY_RESCALE: tl.constexpr, MASKED: tl.constexpr,  #
+    USE_ALIBI: tl.constexpr, USE_PTX: tl.constexpr, WIDE_OFFSETS: tl.constexpr, MASKED: tl.constexpr,  #
 ):
     """One KV tile of TILE_N keys: scores, online-softmax update, acc += P V.
 
@@ -306,24 +254,9 @@ def _attend_kv_tile(
     v_ptrs = V_cache + (page * stride_vb + slot * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :] * stride_vd
     if MASKED or HEAD_SIZE != HEAD_SIZE_PADDED:
         k = tl.load(k_ptrs, mask=d_valid[:, None] & key_valid[None, :], other=0.0)  # [HEAD_SIZE_PADDED, TILE_N]
-    else:
-        k = tl.load(k_ptrs)
-    if V_PAIRS:
-        # The quantized V tile, read as byte pairs and converted to fp16 *before* it is staged in
-        # shared memory for the P @ V operand (see the module docstring, "V_PAIRS").
-        offs_pair = tl.arange(0, HEAD_SIZE_PADDED // 2)
-        pair_ptrs = (V_cache.to(tl.pointer_type(tl.int16))
-                     + ((page * stride_vb + slot * stride_vs + kv_head * stride_vh) // 2)[:, None]
-                     + offs_pair[None, :])
-        if MASKED or HEAD_SIZE != HEAD_SIZE_PADDED:
-            pairs = tl.load(pair_ptrs, mask=key_valid[:, None] & (offs_pair < HEAD_SIZE // 2)[None, :], other=0)
-        else:
-            pairs = tl.load(pair_ptrs)
-        v_lower, v_upper = _byte_pairs_to_fp16(pairs, V_cache.dtype.element_ty, USE_PTX)
-        v = tl.reshape(tl.join(v_lower, v_upper), [TILE_N, HEAD_SIZE_PADDED])  # [TILE_N, HEAD_SIZE_PADDED] fp16
-    elif MASKED or HEAD_SIZE != HEAD_SIZE_PADDED:
         v = tl.load(v_ptrs, mask=key_valid[:, None] & d_valid[None, :], other=0.0)  # [TILE_N, HEAD_SIZE_PADDED]
     else:
+        k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
 
     # -- scores S = Q K^T, scaled to real values (log2 domain) --
@@ -353,13 +286,6 @@ def _attend_kv_tile(
 
     # -- online softmax update --
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if LAZY_RESCALE:
-        # A row keeps its running max unless the new one is larger by more than RESCALE_THRESHOLD
-        # (log2 units): p <= 2^RESCALE_THRESHOLD then, harmless in fp32 and in the 16-bit P, and acc
-        # is rescaled only in tiles where some row's max moved (rarely, once the first keys are in).
-        # -inf + threshold is -inf: a row's first finite max always moves.
-        grew = m_new > m_i + RESCALE_THRESHOLD
-        m_new = tl.where(grew, m_new, m_i)
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     else:
@@ -367,12 +293,6 @@ def _attend_kv_tile(
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if LAZY_RESCALE:
-        # One uniform branch per tile; rows reaching their first keys have acc = 0 and need nothing.
-        if tl.max((grew & (m_i > float("-inf"))).to(tl.int32), 0) > 0:
-            acc = acc * alpha[:, None]
-    elif not PER_TOKEN_HEAD:  # (per-token-head: alpha also changes acc's unit, below)
-        acc = acc * alpha[:, None]
 
     # -- acc += P V --
     if PER_TOKEN_HEAD:
@@ -389,11 +309,11 @@ def _attend_kv_tile(
         p_v = (p * (v_scale * _pow2(tile_exp))[None, :]).to(tl.float16)
         acc = tl.dot(p_v, _to_fp16(v, USE_PTX), acc * alpha[:, None])
     elif KV_QUANT == KV_QUANT_NONE and not Q_FP8:
-        acc = tl.dot(p.to(PV_DTYPE), v, acc)
+        acc = tl.dot(p.to(PV_DTYPE), v, acc * alpha[:, None])
     else:
         # fp8 per-tensor cache: P in fp16 (relative error <= 2^-11), V converted to fp16 exactly;
         # v_scale is applied in the epilogue.
-        acc = tl.dot(p.to(tl.float16), _to_fp16(v, USE_PTX), acc)
+        acc = tl.dot(p.to(tl.float16), _to_fp16(v, USE_PTX), acc * alpha[:, None])
     return acc, m_new, l_i, acc_exp
 
 
@@ -421,9 +341,7 @@ def unified_attention_kernel(
     USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr, SPLIT_KV: tl.constexpr,  #
     USE_PTX: tl.constexpr,  # inline PTX allowed (compiled for a GPU, not the interpreter)
     UNMASKED_INTERIOR: tl.constexpr,  # interior KV tiles in their own loop without masks (Tiles.unmasked_interior)
-    V_PAIRS: tl.constexpr,  # quantized V read as byte pairs and converted before staging (Tiles.v_pairs)
     WIDE_OFFSETS: tl.constexpr,  # some cache offset may pass 2^31 - 1: page offsets in int64
-    LAZY_RESCALE: tl.constexpr,  # rescale acc only when a row's max grows past a threshold (Tiles.lazy_rescale)
 ):
     tl.static_assert(BLOCK_Q * NUM_QUERIES_PER_KV <= BLOCK_M)
     tl.static_assert(BLOCK_Q >= 1)
@@ -431,17 +349,11 @@ def unified_attention_kernel(
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(TILE_N >= 16)
     tl.static_assert(HEAD_SIZE_PADDED >= 16)
-    if V_PAIRS:
-        tl.static_assert(KV_QUANT != KV_QUANT_NONE)
-        tl.static_assert(HEAD_SIZE % 2 == 0)
     if Q_FP8:
         # An fp8 tensor-core dot (Q @ K^T) needs a reduction dimension of at least 32.
         tl.static_assert(HEAD_SIZE_PADDED >= 32)
         tl.static_assert(KV_QUANT == KV_QUANT_FP8_PER_TENSOR)
     PER_TOKEN_HEAD: tl.constexpr = KV_QUANT == KV_QUANT_FP8_PER_TOKEN_HEAD or KV_QUANT == KV_QUANT_INT8_PER_TOKEN_HEAD
-    if LAZY_RESCALE:
-        # The per-token-head paths fold v_scale into P with a renormalization that assumes p <= 1.
-        tl.static_assert(not PER_TOKEN_HEAD)
 
     tile_index = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -542,8 +454,7 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS,
-            LAZY_RESCALE, True)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, WIDE_OFFSETS, True)
     for kv_tile in range(full_tile_begin, full_tile_end):
         acc, m_i, l_i, acc_exp = _attend_kv_tile(
             acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
@@ -552,8 +463,7 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS,
-            LAZY_RESCALE, False)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, WIDE_OFFSETS, False)
     for kv_tile in range(full_tile_end, tile_end):
         acc, m_i, l_i, acc_exp = _attend_kv_tile(
             acc, m_i, l_i, acc_exp, q, kv_tile, kv_begin, kv_end, pos, row_valid, offs_d, d_valid, kv_head,
@@ -562,8 +472,7 @@ def unified_attention_kernel(
             stride_kscb, stride_kscs, stride_ksch, stride_vscb, stride_vscs, stride_vsch,
             qk_scale, logits_soft_cap, alibi_slope_log2, sliding_window,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
-            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, V_PAIRS, WIDE_OFFSETS,
-            LAZY_RESCALE, True)
+            IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, WIDE_OFFSETS, True)
     if PER_TOKEN_HEAD:
         acc = acc * _pow2(-acc_exp)
 

@@ -53,17 +53,6 @@ class Tiles:
     separate loop compiled without masks (the edge tiles keep them). Faster for
     prefill and for fp8-query decode; measured slower for decode with a 16-bit
     query and a 16-bit or per-tensor fp8 cache (H200, benchmarks/RESULTS.md).
-    max_registers: a cap on registers per thread (ptxas .maxnreg), trading spills
-    for more resident programs per multiprocessor; None leaves it to the compiler.
-    v_pairs: a quantized (fp8 or int8) V tile is read as byte pairs and converted
-    to fp16 before it is staged in shared memory, so the transposed P @ V operand
-    is loaded with 16-bit transposing loads instead of one byte at a time. For
-    the small (mma.sync) tiles of decode; ignored for 16-bit caches, and where
-    the value cache's strides are odd.
-    lazy_rescale: rescale the output accumulator only in KV tiles where some
-    row's running max rose by more than 2^8 (kernel.RESCALE_THRESHOLD), instead
-    of every tile: one multiply per accumulator element per tile saved, for
-    one block-wide reduction. Ignored for per-token-head caches.
     """
 
     block_m: int
@@ -71,9 +60,6 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 2
     unmasked_interior: bool = True
-    max_registers: Optional[int] = None
-    v_pairs: bool = False
-    lazy_rescale: bool = False
 
 
 def is_decode_shaped(num_tokens: int, num_seqs: int) -> bool:
@@ -168,7 +154,6 @@ class _Plan:
     block_q: int
     constexprs: dict
     reduce_constexprs: dict
-    v_pairs: bool  # tiles.v_pairs where it applies (quantized cache, even head size); strides checked per call
 
 
 @functools.lru_cache(maxsize=256)
@@ -198,15 +183,10 @@ def _plan(config: AttentionConfig, decode_shaped: bool, tiles: Optional[Tiles]) 
         USE_SOFTCAP=config.logits_soft_cap is not None,
         USE_ALIBI=config.use_alibi,
         UNMASKED_INTERIOR=tiles.unmasked_interior,
-        LAZY_RESCALE=tiles.lazy_rescale and not config.kv_quant_mode.is_per_token_head,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )
-    if tiles.max_registers is not None:
-        constexprs["maxnreg"] = tiles.max_registers
-    v_pairs = tiles.v_pairs and config.kv_quant_mode is not KVQuantMode.NONE and config.head_size % 2 == 0
-    return _Plan(tiles=tiles, block_q=tiles.block_m // group, constexprs=constexprs, reduce_constexprs=common,
-                 v_pairs=v_pairs)
+    return _Plan(tiles=tiles, block_q=tiles.block_m // group, constexprs=constexprs, reduce_constexprs=common)
 
 
 def unified_attention(
@@ -277,7 +257,7 @@ def unified_attention(
         partials = None
         partial_strides = (0, 0, 0)
     # Page offsets in int32 where no cache element lies 2^31 or more elements past its start (a
-    # contiguous cache under 2^31 elements): a third fewer index instructions than int64.
+    # contiguous cache under 2^31 elements): far less index arithmetic than int64 (kernel docstring).
     needs_wide = _needs_wide_offsets(key_cache) or _needs_wide_offsets(value_cache)
     if k_scale_cache is not None:
         needs_wide = needs_wide or _needs_wide_offsets(k_scale_cache) or _needs_wide_offsets(v_scale_cache)
@@ -286,9 +266,6 @@ def unified_attention(
     elif not wide_offsets and needs_wide:
         raise ValueError("wide_offsets: False is only valid for contiguous caches under 2^31 elements, got "
                          f"key_cache {tuple(key_cache.shape)} (contiguous: {key_cache.is_contiguous()})")
-    # Byte pairs need the value cache's head dimension contiguous and every other stride even.
-    v_strides = value_cache.stride()
-    v_pairs = plan.v_pairs and v_strides[3] == 1 and (v_strides[0] | v_strides[1] | v_strides[2]) % 2 == 0
     k_scale_strides = k_scale_cache.stride() if k_scale_cache is not None else (0, 0, 0)
     v_scale_strides = v_scale_cache.stride() if v_scale_cache is not None else (0, 0, 0)
 
@@ -314,7 +291,6 @@ def unified_attention(
         *partial_strides,  #
         SPLIT_KV=split_kv,
         USE_PTX=q.device.type == "cuda",
-        V_PAIRS=v_pairs,
         WIDE_OFFSETS=wide_offsets,
         **plan.constexprs,
     )

@@ -371,74 +371,28 @@ def test_small_tiles_many_programs(kv_quant_mode, kv_cache_dtype, tiles, causal)
     assert_close_to_oracle(out, oracle(config, inputs), **sixteen_bit_tolerance(inputs))
 
 
-@pytest.mark.parametrize(
-    "kv_quant_mode, kv_cache_dtype",
-    [
-        (KVQuantMode.FP8_PER_TENSOR, "float8_e4m3fn"),
-        (KVQuantMode.FP8_PER_TENSOR, "float8_e5m2"),
-        (KVQuantMode.FP8_PER_TOKEN_HEAD, "float8_e4m3fn"),
-        (KVQuantMode.INT8_PER_TOKEN_HEAD, "int8"),
-    ],
-    ids=["fp8_per_tensor-e4m3", "fp8_per_tensor-e5m2", "fp8_per_token_head-e4m3", "int8_per_token_head"],
-)
-@pytest.mark.parametrize("head_size", [32, 80], ids=["h32", "h80-padded"])
-def test_v_pairs(kv_quant_mode, kv_cache_dtype, head_size):
-    """Quantized V read as byte pairs and converted before staging (Tiles.v_pairs, decode's default on
-    the GPU): the pair -> (lower, upper) order, the pair pointers and their masks (a padded head size
-    and the masked edge tiles), and NaN-poisoned unused pages. Here the interpreter's integer split;
-    test_triton_gpu.py runs the inline-PTX conversion."""
-    config = make_config(kv_quant_mode=kv_quant_mode, kv_cache_dtype=kv_cache_dtype, head_size=head_size)
-    inputs = make_inputs(config, EDGE_Q_LENS, EDGE_KV_LENS, seed=head_size)
-    tiles = launcher.Tiles(block_m=16, tile_n=32, v_pairs=True)
-    assert launcher._plan(config, False, tiles).v_pairs
-    out = run_triton(config, inputs, tiles=tiles)
-    assert_close_to_oracle(out, oracle(config, inputs), **sixteen_bit_tolerance(inputs))
-
-
 @pytest.mark.parametrize("kv_quant_mode, kv_cache_dtype", [(KVQuantMode.NONE, "float16"),
-                                                            (KVQuantMode.FP8_PER_TENSOR, "float8_e4m3fn")],
-                         ids=["none-fp16", "fp8_per_tensor-e4m3"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non_causal"])
-def test_lazy_rescale(kv_quant_mode, kv_cache_dtype, causal):
-    """Tiles.lazy_rescale keeps a row's max until it rises by more than 2^8: keys whose scores climb
-    slowly (below the threshold per tile, so p grows past 1 and acc goes unrescaled for a while),
-    then jump (above it, so acc must be rescaled), with a sink and a sliding window's edge tiles."""
-    config = make_config(kv_quant_mode=kv_quant_mode, kv_cache_dtype=kv_cache_dtype, causal=causal,
-                         use_sinks=True, sliding_window=100)
-    inputs = make_inputs(config, [1, 40, 17], [129, 100, 60], seed=7)
-    # Every key of sequence s, head h: k_j = ramp(j) * q_dir + noise, so q . k_j rises along j.
-    table = inputs.block_table.long()
-    for seq, kv_len in enumerate([129, 100, 60]):
-        j = torch.arange(kv_len)
-        ramp = 0.02 * j + 0.9 * (j >= kv_len // 2)  # slow climb, then one jump
-        pages, slots = table[seq, j // config.block_size], j % config.block_size
-        cache = inputs.key_cache
-        direction = torch.ones(config.head_size) / config.head_size**0.5
-        keys = (ramp[:, None, None] * direction * 6.0).expand(-1, config.num_kv_heads, -1)
-        cache[pages, slots] = (keys / (inputs.kwargs["k_scale"].float() if "k_scale" in inputs.kwargs else 1.0)
-                               ).to(cache.dtype)
-    inputs.q.copy_(inputs.q.abs() + 1.0)  # every query points along the ramp
-    tiles = launcher.Tiles(block_m=16, tile_n=16, lazy_rescale=True)
-    expected = oracle(config, inputs)
-    assert_close_to_oracle(run_triton(config, inputs, tiles=tiles), expected, **sixteen_bit_tolerance(inputs))
-
-
-def test_v_pairs_falls_back_on_odd_strides():
-    """A value cache whose head stride is odd cannot be read as aligned byte pairs: the launcher runs
-    the byte path instead, with the same numbers."""
-    config = make_config(kv_quant_mode=KVQuantMode.FP8_PER_TENSOR, kv_cache_dtype="float8_e4m3fn", head_size=32)
+                                                            (KVQuantMode.INT8_PER_TOKEN_HEAD, "int8")],
+                         ids=["none-fp16", "int8_per_token_head"])
+def test_int32_and_int64_page_offsets_agree(kv_quant_mode, kv_cache_dtype):
+    """The launcher's int32 page offsets (contiguous caches under 2^31 elements) and forced int64 ones
+    give bit-identical outputs; a non-contiguous cache gets int64, and asking for int32 there is
+    refused. (test_triton_gpu.py runs caches past 2^31 elements.)"""
+    config = make_config(kv_quant_mode=kv_quant_mode, kv_cache_dtype=kv_cache_dtype)
     inputs = make_inputs(config, Q_LENS, KV_LENS)
-    cache = inputs.value_cache
+    narrow = launcher.unified_attention(*inputs.args, config=config, **inputs.kwargs)
+    wide = launcher.unified_attention(*inputs.args, config=config, wide_offsets=True, **inputs.kwargs)
+    assert torch.equal(narrow, wide)
+    assert_close_to_oracle(output_as_real(narrow, config, inputs), oracle(config, inputs),
+                           **sixteen_bit_tolerance(inputs))
+    cache = inputs.key_cache
     padded = torch.zeros(*cache.shape[:3], cache.shape[3] + 1, dtype=cache.dtype)
     padded[..., : cache.shape[3]] = cache
-    odd_view = padded[..., : cache.shape[3]]  # head stride 33
-    assert odd_view.stride(2) % 2 == 1
     args = list(inputs.args)
-    args[2] = odd_view
-    tiles = launcher.Tiles(block_m=16, tile_n=32, v_pairs=True)
-    out = launcher.unified_attention(*args, config=config, tiles=tiles, **inputs.kwargs)
-    reference = launcher.unified_attention(*inputs.args, config=config, tiles=tiles, **inputs.kwargs)
-    assert torch.equal(out, reference)
+    args[1] = padded[..., : cache.shape[3]]  # same values, not contiguous
+    assert torch.equal(launcher.unified_attention(*args, config=config, **inputs.kwargs), narrow)
+    with pytest.raises(ValueError, match="wide_offsets"):
+        launcher.unified_attention(*args, config=config, wide_offsets=False, **inputs.kwargs)
 
 
 @pytest.mark.parametrize(

@@ -284,29 +284,6 @@ def test_gpu_split_kv_forced_on_mixed_batch(q_dtype, kv_cache_dtype, kv_quant_mo
     check(config, inputs, f"split{num_kv_splits}", num_kv_splits=num_kv_splits)
 
 
-@pytest.mark.parametrize("v_pairs", [False, True], ids=["v_bytes", "v_pairs"])
-@pytest.mark.parametrize(
-    "mode_id", ["fp8_per_tensor-e4m3-bf16", "fp8_per_tensor-e5m2-fp16", "int8_per_token_head-bf16",
-                "fp8_per_tensor-fp8q-bf16out"]
-)
-def test_gpu_v_pairs_either_way(mode_id, v_pairs):
-    """Quantized V staged as fp16 byte pairs (the inline-PTX conversions of `_byte_pairs_to_fp16`) or
-    read byte by byte, on decode tiles (mma.sync) and prefill tiles (wgmma), whatever the defaults."""
-    import dataclasses
-
-    from backends.triton import launcher
-
-    _, q_dtype, kv_dtype, mode, out_dtype = next(m for m in MODES if m[0] == mode_id)
-    config = make_config(q_dtype, kv_dtype, mode, out_dtype)
-    for name, (q_lens, kv_lens) in (("mixed", MIXED), ("decode", DECODE)):
-        decode = launcher.is_decode_shaped(sum(q_lens), len(q_lens))
-        tiles = dataclasses.replace(
-            launcher.choose_tiles(HEAD_SIZE, NUM_HEADS // NUM_KV_HEADS, config.q_is_fp8, decode, mode),
-            v_pairs=v_pairs)
-        inputs = make_inputs(config, q_lens, kv_lens, device="cuda", seed=len(name))
-        check(config, inputs, f"{name} {tiles}", tiles=tiles)
-
-
 def test_gpu_split_heuristic_splits_small_decode_batches():
     from backends.triton import launcher
 
