@@ -270,9 +270,13 @@ def _attend_kv_tile(
         k_scale = tl.load(K_scale_cache + page * stride_kscb + slot * stride_kscs + kv_head * stride_ksch,
                           mask=key_valid, other=0.0)
         s = s * k_scale[None, :]
+    # A 16-bit cache's score scale is softmax_scale alone, positive (the config validates it), so it
+    # commutes with the row max and rides in the exponent's multiply-add below: one instruction per
+    # score fewer. Scales read from tensors (quantized caches, fp8 queries) may have any sign.
+    FOLD_SCALE: tl.constexpr = KV_QUANT == KV_QUANT_NONE and not USE_SOFTCAP and not USE_ALIBI
     if USE_SOFTCAP:
         s = _soft_cap(s * qk_scale, logits_soft_cap) * LOG2E
-    else:
+    elif not FOLD_SCALE:
         s = s * (qk_scale * LOG2E)
     if USE_ALIBI:
         s += alibi_slope_log2[:, None] * (offs_n[None, :] - pos[:, None]).to(tl.float32)
@@ -285,12 +289,19 @@ def _attend_kv_tile(
         s = tl.where(visible, s, float("-inf"))
 
     # -- online softmax update --
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if FOLD_SCALE:
+        score_scale = qk_scale * LOG2E
+        m_new = tl.maximum(m_i, tl.max(s, 1) * score_scale)  # = max of the scaled scores, exactly
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     else:
         m_safe = m_new  # every score is finite, so is the max
-    p = tl.math.exp2(s - m_safe[:, None])
+    if FOLD_SCALE:
+        p = tl.math.exp2(s * score_scale - m_safe[:, None])
+    else:
+        p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
 
