@@ -243,9 +243,24 @@ def _attend_kv_tile(
     offs_n = kv_tile * TILE_N + tl.arange(0, TILE_N)
     if MASKED:
         key_valid = (offs_n >= kv_begin) & (offs_n < kv_end)
-        page = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=key_valid, other=0)
     else:
         key_valid = offs_n < kv_end  # all true here; used only by the HEAD_SIZE-padded loads
+    if BLOCK_SIZE % TILE_N == 0:
+        # The whole tile lies in one page: one page id per tile.
+        page = tl.load(block_table_row + (kv_tile * TILE_N) // BLOCK_SIZE) + tl.zeros([TILE_N], dtype=tl.int32)
+    elif TILE_N % BLOCK_SIZE == 0:
+        # Whole pages: one page id per page, spread over its keys.
+        PAGES: tl.constexpr = TILE_N // BLOCK_SIZE
+        offs_page = kv_tile * PAGES + tl.arange(0, PAGES)
+        if MASKED:
+            pages = tl.load(block_table_row + offs_page,
+                            mask=(offs_page * BLOCK_SIZE < kv_end) & ((offs_page + 1) * BLOCK_SIZE > kv_begin), other=0)
+        else:
+            pages = tl.load(block_table_row + offs_page)
+        page = tl.reshape(tl.broadcast_to(pages[:, None], [PAGES, BLOCK_SIZE]), [TILE_N])
+    elif MASKED:
+        page = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=key_valid, other=0)
+    else:
         page = tl.load(block_table_row + offs_n // BLOCK_SIZE)
     if WIDE_OFFSETS:
         page = page.to(tl.int64)
