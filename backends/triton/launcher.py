@@ -50,9 +50,9 @@ class Tiles:
     block_m rows of a query tile hold block_m // num_queries_per_kv tokens
     (BLOCK_Q) times the query heads of one KV head; tile_n keys per KV step.
     unmasked_interior: visit the KV tiles that every row sees in full in a
-    separate loop compiled without masks (the edge tiles keep them). Faster for
-    prefill and for fp8-query decode; measured slower for decode with a 16-bit
-    query and a 16-bit or per-tensor fp8 cache (H200, benchmarks/RESULTS.md).
+    separate loop compiled without masks (the edge tiles keep them). Faster
+    everywhere measured since page ids are read once per page (H200,
+    benchmarks/RESULTS.md); one masked loop remains for tuning and tests.
     """
 
     block_m: int
@@ -83,11 +83,12 @@ def choose_tiles(
     the numbers are in benchmarks/RESULTS.md). Other head sizes scale the key tile so that a K or V
     tile stays <= 32 KB in 16 bits.
 
-    Decode: the smallest tensor-core tile (16 rows, or all query heads of one KV head if more) and
-    128 keys per step, 4 warps, 2 stages; 3 stages for a per-token-head fp8 cache (its scale loads
-    add latency to hide). The unmasked interior loop only for an fp8 query (0.38 vs 0.50 ms, and
-    0.47 vs 0.54 ms on another card) and per-token-head caches; one masked loop for a 16-bit query
-    with a 16-bit cache (0.50 vs 0.59-0.65 ms) or a per-tensor fp8 cache (0.48 vs 0.51 ms).
+    Decode: the smallest tensor-core tile (16 rows, or all query heads of one KV head if more),
+    128 keys per step, 4 warps, the unmasked interior loop; 3 stages (2 for a per-token-head fp8
+    cache, and for head sizes over 128, whose tiles are twice the bytes). Since page ids are read
+    once per page, the unmasked interior and 3 stages are fastest for every cache type (64 x 8k,
+    block size 16: bf16 0.531 vs 0.641 ms with one masked loop and 2 stages; fp8 query 0.356 vs
+    0.369 ms with 2 stages).
     Prefill: 128 query rows (64 for head size 256), 64 keys, 4 warps (8 were 13% slower), 3 stages
     for a 16-bit query and 2 for fp8.
     """
@@ -96,9 +97,8 @@ def choose_tiles(
     if decode_shaped:
         block_m = max(16, group)
         tile_n = 128 if head_size_padded <= 128 else 64
-        stages = 3 if kv_quant_mode is KVQuantMode.FP8_PER_TOKEN_HEAD else 2
-        return Tiles(block_m=block_m, tile_n=tile_n, num_warps=4, num_stages=stages,
-                     unmasked_interior=q_is_fp8 or kv_quant_mode.is_per_token_head)
+        stages = 2 if kv_quant_mode is KVQuantMode.FP8_PER_TOKEN_HEAD or head_size_padded > 128 else 3
+        return Tiles(block_m=block_m, tile_n=tile_n, num_warps=4, num_stages=stages, unmasked_interior=True)
     block_m = max(128 if head_size_padded <= 128 else 64, group)
     tile_n = 64 if head_size_padded <= 128 else 32
     return Tiles(block_m=block_m, tile_n=tile_n, num_warps=4 if block_m <= 128 else 8,
