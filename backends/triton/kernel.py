@@ -24,17 +24,19 @@ KV loop
 -------
 Keys are visited in tiles of TILE_N, each key gathered through the block
 table (page = block_table[seq, j // BLOCK_SIZE], slot = j % BLOCK_SIZE), so
-the tile size does not depend on the page size. The page ids are read once
-per page when pages tile the key tile, once per tile when one page holds it,
-and once per key otherwise (a page size such as 48): read once per key, they
-took as many load instructions as the K and V tiles themselves (prefill +15%,
-decode +7-10% on an H200 from reading them per page). With WIDE_OFFSETS, page ids
-are widened to int64 before they multiply a stride: num_blocks * block_size *
-H_kv * D can pass 2^31. The launcher sets it only where a cache needs it (not
-contiguous, or 2^31 elements or more): the int32 offsets of every other cache
-take a quarter fewer instructions in prefill (the gather's address arithmetic
-was a quarter of all instructions; +16% prefill throughput on an H200). The loop covers only keys some row of the tile can see: it stops after
-the last key visible to the tile's last query when causal (mask aligned
+the tile size does not depend on the page size. Page ids are read once per
+page when pages tile the key tile, once per tile when one page holds it, and
+once per key otherwise (a page size such as 48): read per key, they took as
+many load instructions as the K and V tiles themselves (reading them per page
+made prefill 15% and decode 7-10% faster on an H200). With WIDE_OFFSETS, page
+ids are widened to int64 before they multiply a stride, as
+num_blocks * block_size * H_kv * D can pass 2^31; the launcher sets it only
+where a cache needs it (2^31 elements or more, or not contiguous). int32
+offsets cut prefill's instruction count by 16% (the gather's 64-bit address
+arithmetic had been a quarter of it).
+
+The loop covers only keys some row of the tile can see: it stops after the
+last key visible to the tile's last query when causal (mask aligned
 bottom-right: query i sits at position kv_len - q_len + i) and starts at the
 first key inside the sliding window of the tile's first query. Loads outside
 that range are masked to zero, so unused or poisoned cache slots (NaN) never

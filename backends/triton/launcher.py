@@ -258,14 +258,16 @@ def unified_attention(
         partial_strides = (0, 0, 0)
     # Page offsets in int32 where no cache element lies 2^31 or more elements past its start (a
     # contiguous cache under 2^31 elements): far less index arithmetic than int64 (kernel docstring).
-    needs_wide = _needs_wide_offsets(key_cache) or _needs_wide_offsets(value_cache)
-    if k_scale_cache is not None:
-        needs_wide = needs_wide or _needs_wide_offsets(k_scale_cache) or _needs_wide_offsets(v_scale_cache)
+    needs_wide = _needs_wide_offsets(key_cache) or _needs_wide_offsets(value_cache) or (
+        k_scale_cache is not None and (_needs_wide_offsets(k_scale_cache) or _needs_wide_offsets(v_scale_cache)))
     if wide_offsets is None:
         wide_offsets = needs_wide
     elif not wide_offsets and needs_wide:
-        raise ValueError("wide_offsets: False is only valid for contiguous caches under 2^31 elements, got "
-                         f"key_cache {tuple(key_cache.shape)} (contiguous: {key_cache.is_contiguous()})")
+        caches = dict(key_cache=key_cache, value_cache=value_cache, k_scale_cache=k_scale_cache,
+                      v_scale_cache=v_scale_cache)
+        wide = ", ".join(f"{name} {tuple(t.shape)} (contiguous: {t.is_contiguous()})" for name, t in caches.items()
+                         if t is not None and _needs_wide_offsets(t))
+        raise ValueError(f"wide_offsets: False needs contiguous caches under 2^31 elements, got {wide}")
     k_scale_strides = k_scale_cache.stride() if k_scale_cache is not None else (0, 0, 0)
     v_scale_strides = v_scale_cache.stride() if v_scale_cache is not None else (0, 0, 0)
 
