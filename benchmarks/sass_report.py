@@ -40,7 +40,7 @@ def compile_kernel(args):
     block_m = args.block_m or (16 if decode else 128)
     constexprs = dict(
         NUM_QUERIES_PER_KV=4, HEAD_SIZE=args.head_size, HEAD_SIZE_PADDED=triton.next_power_of_2(args.head_size),
-        BLOCK_SIZE=16, BLOCK_Q=block_m // 4, BLOCK_M=block_m, TILE_N=args.tile_n or (128 if decode else 64),
+        BLOCK_SIZE=args.block_size, BLOCK_Q=block_m // 4, BLOCK_M=block_m, TILE_N=args.tile_n or (128 if decode else 64),
         KV_QUANT=MODES[args.mode], Q_FP8=args.q == "fp8", OUT_FP8=False, IS_CAUSAL=True, USE_SLIDING_WINDOW=False,
         USE_SOFTCAP=False, USE_ALIBI=False, USE_SINKS=False, SPLIT_KV=False, USE_PTX=True,
         UNMASKED_INTERIOR=not args.one_masked_loop, WIDE_OFFSETS=args.wide_offsets,
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kv", choices=["bf16", "fp16", "fp8", "int8"], default="bf16")
     parser.add_argument("--mode", choices=list(MODES), default="none")
     parser.add_argument("--head-size", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache page")
     parser.add_argument("--block-m", type=int, default=None)
     parser.add_argument("--tile-n", type=int, default=None)
     parser.add_argument("--warps", type=int, default=4)
