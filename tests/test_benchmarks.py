@@ -57,3 +57,36 @@ def test_sass_report_compiles_the_gpu_kernel_here(args, expected):
     assert "HMMA=" in result.stdout
     for fragment in expected:
         assert fragment in result.stdout, result.stdout
+
+
+NCU_SOURCE_PAGE = '''"Kernel Name","unified_attention_kernel",
+"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)","Instructions Executed","stall_barrier","stall_long_sb","stall_math","stall_barrier (Not Issued)"
+"0x7f0000000000","      BAR.SYNC.DEFER_BLOCKING 0x0","60","60","100","5","55","0","5"
+"0x7f0000000010","  @!P0 LDS.U8 R3, [R14+UR9+0x6000]","30","20","4,000","0","30","0","0"
+"0x7f0000000020","      HMMA.16816.F32 R84, R8, R84, RZ","10","5","800","0","0","10","0"
+'''
+
+
+def test_ncu_summary_reads_the_source_page(tmp_path):
+    """The profile summary parses Nsight Compute's per-instruction CSV: shares of warp samples by
+    stall reason (the '(Not Issued)' columns are not counted twice), by opcode (predicates dropped),
+    and the top instructions."""
+    from benchmarks import ncu_summary
+
+    path = tmp_path / "profile-sass.csv"
+    path.write_text(NCU_SOURCE_PAGE)
+    text = ncu_summary.summarize(ncu_summary.load(str(path)), top=2)
+    assert "3 instructions, 100 warp samples, 4900 warp instructions executed" in text
+    assert "| long_sb | 85.0% |" in text and "| barrier | 5.0% |" in text and "| math | 10.0% |" in text
+    assert "| LDS.U8 | 30.0% | 4000 |" in text
+    assert "`BAR.SYNC.DEFER_BLOCKING 0x0` | 60.0% | long_sb 55.0%, barrier 5.0% |" in text
+    assert "HMMA" not in text.split("| address |")[1]  # only the top 2 instructions are listed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+@pytest.mark.parametrize("module", ["benchmarks.profile_case", "benchmarks.tune_tiles"])
+def test_gpu_only_tools_say_they_need_cuda(module):
+    args = ["decode-64x8k", "bf16"] if module == "benchmarks.profile_case" else []
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 2 and "needs a CUDA device" in result.stdout, result.stdout + result.stderr
