@@ -50,6 +50,8 @@ if [[ " $steps " == *" profile "* ]]; then  # not part of "all"
   PROFILE_CASES=${PROFILE_CASES:-"decode-64x8k bf16
 decode-64x8k bf16q-fp8kv
 decode-64x8k fp8q-fp8kv
+decode-64x8k bf16q-fp8kv-pth
+decode-64x8k bf16q-int8kv-pth
 prefill-4x4k bf16
 prefill-4x4k fp8q-fp8kv"}
   while read -r case dtypes extra; do
