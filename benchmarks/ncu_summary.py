@@ -36,15 +36,20 @@ def opcode(source: str) -> str:
     return words[0] if words else "?"
 
 
+def stalls(row: dict) -> dict[str, float]:
+    """Warp samples per stall reason of one instruction (all samples; the '(Not Issued)' columns
+    are a subset of them)."""
+    return {key[len("stall_"):]: _number(value) for key, value in row.items()
+            if key and key.startswith("stall_") and not key.endswith("(Not Issued)")}
+
+
 def summarize(rows: list[dict], top: int) -> str:
     samples = sum(_number(r["Warp Stall Sampling (All Samples)"]) for r in rows) or 1.0
     reasons = collections.Counter()
     by_opcode = collections.Counter()
     executed = collections.Counter()
     for r in rows:
-        for key, value in r.items():
-            if key and key.startswith("stall_") and not key.endswith("(Not Issued)"):
-                reasons[key[len("stall_"):]] += _number(value)
+        reasons.update(stalls(r))
         op = opcode(r["Source"])
         by_opcode[op] += _number(r["Warp Stall Sampling (All Samples)"])
         executed[op] += _number(r["Instructions Executed"])
@@ -56,9 +61,8 @@ def summarize(rows: list[dict], top: int) -> str:
     out += ["", "| address | instruction | share | top reasons |", "|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -_number(r["Warp Stall Sampling (All Samples)"]))[:top]:
         share = _number(r["Warp Stall Sampling (All Samples)"]) / samples
-        stalls = sorted(((k[len("stall_"):], _number(v)) for k, v in r.items()
-                         if k and k.startswith("stall_") and not k.endswith("(Not Issued)")), key=lambda kv: -kv[1])
-        stalls_text = ", ".join(f"{k} {v / samples:.1%}" for k, v in stalls[:3] if v)
+        worst = sorted(stalls(r).items(), key=lambda kv: -kv[1])
+        stalls_text = ", ".join(f"{k} {v / samples:.1%}" for k, v in worst[:3] if v)
         out.append(f"| {r['Address'][-5:]} | `{r['Source'].strip()[:60]}` | {share:.1%} | {stalls_text} |")
     return "\n".join(out)
 

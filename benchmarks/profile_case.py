@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from benchmarks.attention import DTYPES, HEAD_SIZE, HEADS, KV_HEADS, SHAPES
+from benchmarks.attention import DTYPES, SHAPES
 
 LAUNCHES = 3  # 2 skipped by the profiler (compile, warm-up), 1 profiled
 
@@ -40,19 +40,12 @@ def main(argv=None) -> int:
         print("benchmarks.profile_case needs a CUDA device")
         return 2
 
-    import dispatch
     from backends.triton import launcher
-    from dispatch.testing import make_inputs
+    from benchmarks.tune_tiles import triton_case
 
-    _, q_lens, kv_lens = SHAPES[args.case]
-    config = dispatch.AttentionConfig(num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
-                                      block_size=args.block_size, backend="triton", **DTYPES[args.dtypes])
-    inputs = make_inputs(config, q_lens, kv_lens, device="cuda", poison=False, extra_blocks=0,
-                         generate_on_device=True)
+    config, inputs, default = triton_case(args.case, args.dtypes, args.block_size)
     torch.cuda.empty_cache()  # drop the generator's scratch: the profiler saves and restores device memory
-    decode = launcher.is_decode_shaped(sum(q_lens), len(q_lens))
-    tiles = args.tiles or launcher.choose_tiles(HEAD_SIZE, HEADS // KV_HEADS, config.q_is_fp8, decode,
-                                                config.kv_quant_mode)
+    tiles = args.tiles or default
     print(f"{args.case} {args.dtypes} block size {args.block_size}: {tiles}", flush=True)
     for _ in range(LAUNCHES):
         launcher.unified_attention(*inputs.args, config=config, tiles=tiles, **inputs.kwargs)

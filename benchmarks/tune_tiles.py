@@ -20,6 +20,23 @@ import torch
 from benchmarks.attention import DTYPES, HEAD_SIZE, HEADS, KV_HEADS, SHAPES, Timer, kv_bytes_read, visible_pairs
 
 
+def triton_case(case: str, dtype_name: str, block_size: int):
+    """The config, device inputs and `choose_tiles` default of one benchmark case on the Triton backend
+    (needs CUDA; also used by benchmarks.profile_case)."""
+    import dispatch
+    from backends.triton import launcher
+    from dispatch.testing import make_inputs
+
+    _, q_lens, kv_lens = SHAPES[case]
+    config = dispatch.AttentionConfig(num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
+                                      block_size=block_size, backend="triton", **DTYPES[dtype_name])
+    inputs = make_inputs(config, q_lens, kv_lens, device="cuda", poison=False, extra_blocks=0,
+                         generate_on_device=True)
+    decode = launcher.is_decode_shaped(sum(q_lens), len(q_lens))
+    default = launcher.choose_tiles(HEAD_SIZE, HEADS // KV_HEADS, config.q_is_fp8, decode, config.kv_quant_mode)
+    return config, inputs, default
+
+
 def _describe(tiles, wide) -> str:
     loop = "unmasked interior" if tiles.unmasked_interior else "one masked loop"
     return (f"{tiles.block_m} | {tiles.tile_n} | {tiles.num_warps} | {tiles.num_stages} | {loop} | "
@@ -55,9 +72,7 @@ def main(argv=None) -> int:
         for worker in workers:
             worker.wait()
 
-    import dispatch
     from backends.triton import launcher
-    from dispatch.testing import make_inputs
 
     timer = Timer("cuda", warmup=3, runs=20)
     kind, q_lens, kv_lens = SHAPES[args.case]
@@ -66,15 +81,10 @@ def main(argv=None) -> int:
           "| max |diff| vs default |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
-        config = dispatch.AttentionConfig(num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
-                                          block_size=args.block_size, backend="triton", **DTYPES[dtype_name])
-        inputs = make_inputs(config, q_lens, kv_lens, device="cuda", poison=False, extra_blocks=0,
-                             generate_on_device=True)
+        config, inputs, base = triton_case(args.case, dtype_name, args.block_size)
         kwargs = dict(inputs.kwargs)
         default = launcher.unified_attention(*inputs.args, config=config, **kwargs).float()
         torch.cuda.synchronize()
-        decode = launcher.is_decode_shaped(sum(q_lens), len(q_lens))
-        base = launcher.choose_tiles(HEAD_SIZE, HEADS // KV_HEADS, config.q_is_fp8, decode, config.kv_quant_mode)
         interiors = {"default": [base.unmasked_interior], "unmasked": [True], "masked": [False],
                      "both": [True, False]}[args.interior]
         offsets = {"default": [None], "wide": [True], "both": [None, True]}[args.offsets]
