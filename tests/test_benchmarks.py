@@ -84,9 +84,27 @@ def test_ncu_summary_reads_the_source_page(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
-@pytest.mark.parametrize("module", ["benchmarks.profile_case", "benchmarks.tune_tiles"])
+@pytest.mark.parametrize("module", ["benchmarks.profile_case", "benchmarks.tune_tiles", "benchmarks.ab_kernel"])
 def test_gpu_only_tools_say_they_need_cuda(module):
-    args = ["decode-64x8k", "bf16"] if module == "benchmarks.profile_case" else []
+    args = {"benchmarks.profile_case": ["decode-64x8k", "bf16"],
+            "benchmarks.ab_kernel": ["--other", "backends/triton/kernel.py"]}.get(module, [])
     result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
                             timeout=300)
     assert result.returncode == 2 and "needs a CUDA device" in result.stdout, result.stdout + result.stderr
+
+
+def test_ab_kernel_loads_another_kernel_file_and_reports_per_round_ratios(tmp_path):
+    from benchmarks import ab_kernel
+
+    other = tmp_path / "kernel_other.py"
+    other.write_text((ROOT / "backends" / "triton" / "kernel.py").read_text())
+    module = ab_kernel.load_kernel_module(str(other))
+    assert module.unified_attention_kernel.fn.__code__.co_filename == str(other)
+
+    # Round 2 ran slower for everyone: the ratios within a round stay 0.5 / 2.0, the medians move.
+    table = ab_kernel.format_table(
+        [("fp8", "this tree", 3), ("fp8", "old", 3), ("pth", "this tree", 2)],
+        [[1.0, 2.0, 1.0], [0.5, 1.0, 0.5], [2.0, 4.0, 2.0]])
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert [row[3:] for row in rows] == [["1.000", "1.000", "1.000 |"], ["0.500", "0.500", "0.500 |"],
+                                         ["2.000", "1.000", "2.000 |"]]

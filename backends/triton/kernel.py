@@ -92,12 +92,14 @@ KV_QUANT_FP8_PER_TENSOR with an FP8 e4m3 query (Q_FP8): Q @ K^T runs on fp8
 KV_QUANT_FP8_PER_TOKEN_HEAD / KV_QUANT_INT8_PER_TOKEN_HEAD (16-bit query):
   per-key scales come from k_scale_cache / v_scale_cache
   [num_blocks, block_size, H_kv] fp32 through the same page gather. The score
-  columns are multiplied by k_scale[j] in fp32 after the dot. v_scale[j]
-  multiplies P (one multiply per score instead of one per V element), and the
-  fp16 operand P * v_scale is renormalized per KV tile by a power of two 2^e
-  that puts its largest possible value below 2^15, so it neither overflows
-  nor sinks into fp16 subnormals; the accumulator is kept in units of 2^-e,
-  the change of unit between tiles rides on alpha, and the epilogue removes it.
+  columns are multiplied by k_scale[j] * softmax_scale * log2(e) in fp32 after
+  the dot. v_scale[j] multiplies P (one multiply per score instead of one per
+  V element), and the fp16 operand P * v_scale is renormalized per KV tile by
+  a power of two 2^e that puts its largest possible value below 2^15, so it
+  neither overflows nor sinks into fp16 subnormals; 2^e enters through the
+  exponent of exp2, the tile's largest |v_scale| comes out of the same
+  reduction as the row max, the accumulator is kept in units of 2^-e, the
+  change of unit between tiles rides on alpha, and the epilogue removes it.
 Scales a mode does not use are never loaded (their code is compiled out).
 
 Output: acc / l (times v_scale for per-tensor FP8), or for fp8 output
@@ -150,6 +152,11 @@ def _soft_cap(x, cap):
     e = tl.exp(-2.0 * tl.abs(x / cap))
     t = (1.0 - e) / (1.0 + e)
     return cap * tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _max_pair(a0, b0, a1, b1):
+    return tl.maximum(a0, a1), tl.maximum(b0, b1)
 
 
 @triton.jit
@@ -288,8 +295,19 @@ def _attend_kv_tile(
     else:
         s = tl.dot(q, k)
     if PER_TOKEN_HEAD:
-        k_scale = tl.load(K_scale_cache + page * stride_kscb + slot * stride_kscs + kv_head * stride_ksch,
-                          mask=key_valid, other=0.0)
+        # Both scale rows are read here, next to the tile: the page and slot vectors die now
+        # instead of living across the softmax until the P V product needs v_scale.
+        k_scale_ptrs = K_scale_cache + page * stride_kscb + slot * stride_kscs + kv_head * stride_ksch
+        v_scale_ptrs = V_scale_cache + page * stride_vscb + slot * stride_vscs + kv_head * stride_vsch
+        if MASKED:
+            k_scale = tl.load(k_scale_ptrs, mask=key_valid, other=0.0)
+            v_scale = tl.load(v_scale_ptrs, mask=key_valid, other=0.0)
+        else:
+            k_scale = tl.load(k_scale_ptrs)
+            v_scale = tl.load(v_scale_ptrs)
+        if not USE_SOFTCAP:
+            # The score scale rides on the per-key scale: one multiply per score.
+            k_scale = k_scale * (qk_scale * LOG2E)
         s = s * k_scale[None, :]
     # A 16-bit cache's score scale is softmax_scale alone, positive (the config validates it), so it
     # commutes with the row max and rides in the exponent's multiply-add below: one instruction per
@@ -297,7 +315,7 @@ def _attend_kv_tile(
     FOLD_SCALE: tl.constexpr = KV_QUANT == KV_QUANT_NONE and not USE_SOFTCAP and not USE_ALIBI
     if USE_SOFTCAP:
         s = _soft_cap(s * qk_scale, logits_soft_cap) * LOG2E
-    elif not FOLD_SCALE:
+    elif not FOLD_SCALE and not PER_TOKEN_HEAD:
         s = s * (qk_scale * LOG2E)
     if USE_ALIBI:
         s += alibi_slope_log2[:, None] * (offs_n[None, :] - pos[:, None]).to(tl.float32)
@@ -310,7 +328,12 @@ def _attend_kv_tile(
         s = tl.where(visible, s, float("-inf"))
 
     # -- online softmax update --
-    if FOLD_SCALE:
+    if PER_TOKEN_HEAD:
+        # The row max and the tile's largest |v_scale| (the P V exponent below) in one reduction:
+        # both cross the warps through shared memory, so together they cost one exchange, not two.
+        s_max, v_scale_max = tl.reduce((s, tl.broadcast_to(tl.abs(v_scale)[None, :], s.shape)), 1, _max_pair)
+        m_new = tl.maximum(m_i, s_max)
+    elif FOLD_SCALE:
         score_scale = qk_scale * LOG2E
         m_new = tl.maximum(m_i, tl.max(s, 1) * score_scale)  # = max of the scaled scores, exactly
     else:
@@ -319,27 +342,29 @@ def _attend_kv_tile(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     else:
         m_safe = m_new  # every score is finite, so is the max
-    if FOLD_SCALE:
-        p = tl.math.exp2(s * score_scale - m_safe[:, None])
-    else:
-        p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-
-    # -- acc += P V --
     if PER_TOKEN_HEAD:
         # v_scale[j] goes into P (one multiply per score, not per V element), and the fp16 P
         # operand is renormalized by a power of two per tile so that it neither overflows nor
-        # sinks into subnormals: p * v_scale * 2^e < 2^15. acc is kept in units of 2^-acc_exp;
-        # the change of unit rides on alpha (powers of two: exact). The exponent of the tile's
-        # largest scale is clamped to [-60, 60] so that every 2^x here stays a normal fp32.
-        v_scale = tl.load(V_scale_cache + page * stride_vscb + slot * stride_vscs + kv_head * stride_vsch,
-                          mask=key_valid, other=0.0)
-        tile_exp = 14 - tl.minimum(tl.maximum(_exponent(tl.max(tl.abs(v_scale), 0)), -60), 60)
+        # sinks into subnormals: p * v_scale * 2^e < 2^15. The 2^e rides in the exponent of
+        # exp2 (exact), l stays in real units, and acc is kept in units of 2^-acc_exp per row;
+        # the change of unit rides on alpha. The exponent of the tile's largest scale is clamped
+        # to [-60, 60] so that every 2^x here stays a normal fp32.
+        tile_exp = 14 - tl.minimum(tl.maximum(_exponent(v_scale_max), -60), 60)
+        p = tl.math.exp2(s - (m_safe - tile_exp.to(tl.float32))[:, None])  # = p * 2^tile_exp
+        l_i = l_i * alpha + tl.sum(p, 1) * _pow2(-tile_exp)
+    elif FOLD_SCALE:
+        p = tl.math.exp2(s * score_scale - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+    else:
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+    # -- acc += P V --
+    if PER_TOKEN_HEAD:
         alpha = alpha * _pow2(tile_exp - acc_exp)
         acc_exp = tile_exp
-        p_v = (p * (v_scale * _pow2(tile_exp))[None, :]).to(tl.float16)
-        acc = tl.dot(p_v, _to_fp16(v, USE_PTX), acc * alpha[:, None])
+        acc = tl.dot((p * v_scale[None, :]).to(tl.float16), _to_fp16(v, USE_PTX), acc * alpha[:, None])
     elif KV_QUANT == KV_QUANT_NONE and not Q_FP8:
         acc = tl.dot(p.to(PV_DTYPE), v, acc * alpha[:, None])
     else:
@@ -472,7 +497,7 @@ def unified_attention_kernel(
             m_i = tl.load(Sinks + head).to(tl.float32) * LOG2E
             l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_SIZE_PADDED], dtype=tl.float32)
-    acc_exp = 0  # acc is in units of 2^-acc_exp (per-token-head caches; see _attend_kv_tile)
+    acc_exp = tl.zeros([BLOCK_M], dtype=tl.int32)  # acc row i is in units of 2^-acc_exp[i] (per-token-head caches)
 
     block_table_row = Block_table + seq.to(tl.int64) * stride_bts
     # Three loops with the same body on purpose: MASKED must be a compile-time constant, and each
@@ -506,7 +531,7 @@ def unified_attention_kernel(
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_SIZE_PADDED, KV_QUANT, Q_FP8, Q.dtype.element_ty,
             IS_CAUSAL, USE_SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_PTX, WIDE_OFFSETS, True)
     if PER_TOKEN_HEAD:
-        acc = acc * _pow2(-acc_exp)
+        acc = acc * _pow2(-acc_exp)[:, None]
 
     # ---- epilogue -------------------------------------------------------------------------
     store_mask = row_valid[:, None] & d_valid[None, :]

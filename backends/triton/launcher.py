@@ -84,11 +84,12 @@ def choose_tiles(
     tile stays <= 32 KB in 16 bits.
 
     Decode: the smallest tensor-core tile (16 rows, or all query heads of one KV head if more),
-    128 keys per step, 4 warps, the unmasked interior loop; 3 stages (2 for a per-token-head fp8
-    cache, and for head sizes over 128, whose tiles are twice the bytes). Since page ids are read
-    once per page, the unmasked interior and 3 stages are fastest for every cache type (64 x 8k,
-    block size 16: bf16 0.531 vs 0.641 ms with one masked loop and 2 stages; fp8 query 0.356 vs
-    0.369 ms with 2 stages).
+    128 keys per step, 4 warps, the unmasked interior loop; 3 stages (2 for per-token-head caches,
+    and for head sizes over 128, whose tiles are twice the bytes). Since page ids are read once per
+    page, the unmasked interior and 3 stages are fastest for the per-tensor caches (64 x 8k, block
+    size 16: bf16 0.531 vs 0.641 ms with one masked loop and 2 stages; fp8 query 0.356 vs 0.369 ms
+    with 2 stages); per-token-head caches, which also carry their scale rows through the pipeline,
+    are 5-11% faster with 2 (interleaved A/B, `python -m benchmarks.ab_kernel`).
     Prefill: 128 query rows (64 for head size 256), 64 keys, 4 warps (8 were 13% slower), 3 stages
     for a 16-bit query and 2 for fp8.
     """
@@ -97,7 +98,8 @@ def choose_tiles(
     if decode_shaped:
         block_m = max(16, group)
         tile_n = 128 if head_size_padded <= 128 else 64
-        stages = 2 if kv_quant_mode is KVQuantMode.FP8_PER_TOKEN_HEAD or head_size_padded > 128 else 3
+        per_token_head = kv_quant_mode in (KVQuantMode.FP8_PER_TOKEN_HEAD, KVQuantMode.INT8_PER_TOKEN_HEAD)
+        stages = 2 if per_token_head or head_size_padded > 128 else 3
         return Tiles(block_m=block_m, tile_n=tile_n, num_warps=4, num_stages=stages, unmasked_interior=True)
     block_m = max(128 if head_size_padded <= 128 else 64, group)
     tile_n = 64 if head_size_padded <= 128 else 32

@@ -1,0 +1,137 @@
+"""python -m benchmarks.ab_kernel --other OLD_KERNEL.py [--case decode-64x8k] [--dtypes ...] [--stages 2 3]
+
+Times this tree's Triton attention kernel against another version of
+`backends/triton/kernel.py` (a file: an older revision from `git show`, or a
+variant under test) in one process, on the same inputs, interleaved: every
+round runs each (dtypes, kernel, stages) variant a few times, in an order that
+rotates from round to round, so a drift of the card (clocks, temperature, a
+neighbour) lands on all of them alike. On the shared GPU machines medians of
+separate runs drift by up to 10%, more than most kernel changes are worth;
+this is how a change is judged. It prints per variant the median over the
+rounds and the median of its per-round ratios to the first variant of the same
+dtypes and to the first row (a ratio within one round cancels slow drift).
+
+Both kernels must agree with each other on every case before anything is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+
+import torch
+
+from benchmarks.attention import DTYPES, SHAPES, Timer
+
+
+def load_kernel_module(path: str):
+    """Imports a kernel.py from a file under its own module name (Triton reads the source of each
+    @triton.jit function from the file, so it compiles that version, not the installed one)."""
+    spec = importlib.util.spec_from_file_location("ab_other_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def format_table(labels: list[tuple[str, str, int]], samples: list[list[float]]) -> str:
+    """One row per variant: the median over rounds, and the median of its per-round ratios to the
+    first variant of the same dtypes and to the first row (a drift of the card cancels in a ratio
+    taken within one round)."""
+    def ratio(times, base):
+        return statistics.median(t / b for t, b in zip(times, base))
+
+    lines = ["| dtypes | kernel | stages | median ms | / first of its dtypes | / first row |",
+             "|---|---|---|---|---|---|"]
+    first = {}
+    for (dtype_name, name, stages), times in zip(labels, samples):
+        base = first.setdefault(dtype_name, times)
+        lines.append(f"| {dtype_name} | {name} | {stages} | {statistics.median(times):.3f} | "
+                     f"{ratio(times, base):.3f} | {ratio(times, samples[0]):.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ab_kernel", description=__doc__.splitlines()[0])
+    parser.add_argument("--other", required=True, help="path of the other kernel.py")
+    parser.add_argument("--case", default="decode-64x8k", choices=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=["bf16q-fp8kv", "bf16q-fp8kv-pth", "bf16q-int8kv-pth"],
+                        choices=list(DTYPES))
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--stages", nargs="+", type=int, default=None,
+                        help="pipeline stages to try with each kernel (default: choose_tiles' choice)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per variant and round")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile the variants in this many processes first (Triton's disk cache keeps them)")
+    parser.add_argument("--shard", type=int, nargs=2, default=None, metavar=("I", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.ab_kernel needs a CUDA device")
+        return 2
+    if args.jobs > 1 and args.shard is None:
+        own = list(argv if argv is not None else sys.argv[1:])
+        workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.ab_kernel", *own, "--shard", str(i),
+                                     str(args.jobs)], stdout=subprocess.DEVNULL) for i in range(args.jobs)]
+        for worker in workers:
+            worker.wait()
+
+    import dataclasses
+
+    from backends.triton import launcher
+    from benchmarks.tune_tiles import triton_case
+
+    kernels = {"this tree": launcher.kernel, args.other: load_kernel_module(args.other)}
+
+    def launch_with(module, config, inputs, tiles):
+        saved = launcher.kernel
+        launcher.kernel = module
+        try:
+            return launcher.unified_attention(*inputs.args, config=config, tiles=tiles, **inputs.kwargs)
+        finally:
+            launcher.kernel = saved
+
+    variants = []  # (dtypes, kernel name, tiles, launch)
+    for dtype_name in args.dtypes:
+        config, inputs, default = triton_case(args.case, dtype_name, args.block_size)
+        reference = None
+        for stages in args.stages or [default.num_stages]:
+            tiles = dataclasses.replace(default, num_stages=stages)
+            for name, module in kernels.items():
+                def launch(module=module, config=config, inputs=inputs, tiles=tiles):
+                    return launch_with(module, config, inputs, tiles)
+                if args.shard is not None:  # a compile worker: its share of the variants, once
+                    if len(variants) % args.shard[1] == args.shard[0]:
+                        launch()
+                    variants.append((dtype_name, name, tiles, None))  # keeps no inputs alive
+                    continue
+                variants.append((dtype_name, name, tiles, launch))
+                out = launch().float()
+                if reference is None:
+                    reference = out
+                diff = float((out - reference).abs().max())
+                if not diff <= 1e-2 * float(reference.abs().max()):  # also catches NaN
+                    print(f"{dtype_name}, {name}, {stages} stages: output differs from the first variant by {diff}")
+                    return 1
+        del inputs  # (a compile worker then holds one case's inputs at a time)
+    if args.shard is not None:
+        torch.cuda.synchronize()
+        return 0
+
+    timer = Timer("cuda", warmup=2, runs=args.runs)
+    samples = [[] for _ in variants]
+    for round_index in range(args.rounds):
+        shift = round_index % len(variants)
+        for index in list(range(shift, len(variants))) + list(range(shift)):
+            samples[index].append(statistics.median(timer(variants[index][3])))
+
+    print(f"case {args.case}, block size {args.block_size}, {torch.cuda.get_device_name()}, "
+          f"{args.rounds} rounds x {args.runs} runs (median per round)")
+    print(format_table([(dtype_name, name, tiles.num_stages) for dtype_name, name, tiles, _ in variants], samples))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
