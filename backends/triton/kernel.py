@@ -331,7 +331,13 @@ def _attend_kv_tile(
     if PER_TOKEN_HEAD:
         # The row max and the tile's largest |v_scale| (the P V exponent below) in one reduction:
         # both cross the warps through shared memory, so together they cost one exchange, not two.
-        s_max, v_scale_max = tl.reduce((s, tl.broadcast_to(tl.abs(v_scale)[None, :], s.shape)), 1, _max_pair)
+        # The interpreter runs a reduction with a combine function element by element in Python,
+        # so there the two maxima are taken apart (maxima are exact: the same values).
+        if USE_PTX:
+            s_max, v_scale_max = tl.reduce((s, tl.broadcast_to(tl.abs(v_scale)[None, :], s.shape)), 1, _max_pair)
+        else:
+            s_max = tl.max(s, 1)
+            v_scale_max = tl.max(tl.abs(v_scale), 0) + tl.zeros_like(m_i)
         m_new = tl.maximum(m_i, s_max)
     elif FOLD_SCALE:
         score_scale = qk_scale * LOG2E
