@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import subprocess
 import sys
 
 import torch
 
 from benchmarks.attention import DTYPES, SHAPES, Timer
+from benchmarks.tune_tiles import parse_sweep_arguments, triton_case
 
 
 def load_kernel_module(path: str):
@@ -64,24 +64,13 @@ def main(argv=None) -> int:
                         help="pipeline stages to try with each kernel (default: choose_tiles' choice)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per variant and round")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="compile the variants in this many processes first (Triton's disk cache keeps them)")
-    parser.add_argument("--shard", type=int, nargs=2, default=None, metavar=("I", "N"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks.ab_kernel needs a CUDA device")
+    args = parse_sweep_arguments(parser, argv, "benchmarks.ab_kernel")
+    if args is None:
         return 2
-    if args.jobs > 1 and args.shard is None:
-        own = list(argv if argv is not None else sys.argv[1:])
-        workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.ab_kernel", *own, "--shard", str(i),
-                                     str(args.jobs)], stdout=subprocess.DEVNULL) for i in range(args.jobs)]
-        for worker in workers:
-            worker.wait()
 
     import dataclasses
 
     from backends.triton import launcher
-    from benchmarks.tune_tiles import triton_case
 
     kernels = {"this tree": launcher.kernel, args.other: load_kernel_module(args.other)}
 

@@ -37,6 +37,33 @@ def triton_case(case: str, dtype_name: str, block_size: int):
     return config, inputs, default
 
 
+def parse_sweep_arguments(parser: argparse.ArgumentParser, argv, module: str):
+    """Parses a GPU sweep's command line plus --jobs (and the hidden --shard I N of a compile worker);
+    without CUDA says so and returns None; with --jobs > 1 first compiles in worker processes."""
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile the variants in this many processes first (Triton's disk cache keeps them)")
+    parser.add_argument("--shard", type=int, nargs=2, default=None, metavar=("I", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{module} needs a CUDA device")
+        return None
+    compile_in_workers(module, args, argv)
+    return args
+
+
+def compile_in_workers(module: str, args, argv) -> None:
+    """Runs `python -m module` with the same arguments in args.jobs processes, worker i compiling
+    the variants whose index is i mod jobs, and waits for them. Compiling dominates a sweep
+    (seconds per variant, one CPU core each); timing must stay serial, in this process."""
+    if args.jobs <= 1 or args.shard is not None:
+        return
+    own = list(argv if argv is not None else sys.argv[1:])
+    workers = [subprocess.Popen([sys.executable, "-m", module, *own, "--shard", str(i), str(args.jobs)],
+                                stdout=subprocess.DEVNULL) for i in range(args.jobs)]
+    for worker in workers:
+        worker.wait()
+
+
 def _describe(tiles, wide) -> str:
     loop = "unmasked interior" if tiles.unmasked_interior else "one masked loop"
     return (f"{tiles.block_m} | {tiles.tile_n} | {tiles.num_warps} | {tiles.num_stages} | {loop} | "
@@ -57,20 +84,9 @@ def main(argv=None) -> int:
                         help="loop structure: the default's, interior tiles unmasked, one masked loop, or both")
     parser.add_argument("--offsets", choices=["default", "wide", "both"], default="default",
                         help="page offsets: the launcher's choice (int32 for these caches), int64, or both")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="compile the variants in this many processes first (Triton's disk cache keeps them)")
-    parser.add_argument("--shard", type=int, nargs=2, default=None, metavar=("I", "N"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks.tune_tiles needs a CUDA device")
+    args = parse_sweep_arguments(parser, argv, "benchmarks.tune_tiles")
+    if args is None:
         return 2
-    if args.jobs > 1 and args.shard is None:
-        # Compiling dominates a sweep (seconds per variant, one CPU core each); timing must stay serial.
-        own = list(argv if argv is not None else sys.argv[1:])
-        workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.tune_tiles", *own, "--shard", str(i),
-                                     str(args.jobs)], stdout=subprocess.DEVNULL) for i in range(args.jobs)]
-        for worker in workers:
-            worker.wait()
 
     from backends.triton import launcher
 
