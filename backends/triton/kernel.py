@@ -358,13 +358,14 @@ def _attend_kv_tile(
         # to [-60, 60] so that every 2^x here stays a normal fp32.
         tile_exp = 14 - tl.minimum(tl.maximum(_exponent(v_scale_max), -60), 60)
         p = tl.math.exp2(s - (m_safe - tile_exp.to(tl.float32))[:, None])  # = p * 2^tile_exp
-        l_i = l_i * alpha + tl.sum(p, 1) * _pow2(-tile_exp)
-    elif FOLD_SCALE:
-        p = tl.math.exp2(s * score_scale - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p_sum = tl.sum(p, 1) * _pow2(-tile_exp)
     else:
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if FOLD_SCALE:
+            p = tl.math.exp2(s * score_scale - m_safe[:, None])
+        else:
+            p = tl.math.exp2(s - m_safe[:, None])
+        p_sum = tl.sum(p, 1)
+    l_i = l_i * alpha + p_sum
 
     # -- acc += P V --
     if PER_TOKEN_HEAD:

@@ -98,8 +98,7 @@ def choose_tiles(
     if decode_shaped:
         block_m = max(16, group)
         tile_n = 128 if head_size_padded <= 128 else 64
-        per_token_head = kv_quant_mode in (KVQuantMode.FP8_PER_TOKEN_HEAD, KVQuantMode.INT8_PER_TOKEN_HEAD)
-        stages = 2 if per_token_head or head_size_padded > 128 else 3
+        stages = 2 if kv_quant_mode.is_per_token_head or head_size_padded > 128 else 3
         return Tiles(block_m=block_m, tile_n=tile_n, num_warps=4, num_stages=stages, unmasked_interior=True)
     block_m = max(128 if head_size_padded <= 128 else 64, group)
     tile_n = 64 if head_size_padded <= 128 else 32
