@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from typing import Any, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 __all__ = [
     "AttentionConfig",
@@ -116,6 +117,43 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, canonical_dtype_name(name))
 
 
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+# Fields that must hold exactly what they say. pydantic's lax mode would take True as 1 (a bool is
+# an int in Python, so `sliding_window: true` in YAML meant a window of one token), 16.0 or "16" as
+# 16, and "yes" or 1 as True: each a value the user did not write, so each is refused instead.
+_INT_FIELDS = ("num_heads", "num_kv_heads", "head_size", "block_size", "sliding_window")
+_FLOAT_FIELDS = ("logits_soft_cap", "softmax_scale")
+_BOOL_FIELDS = ("causal", "use_alibi", "use_sinks")
+_OPTIONAL_FIELDS = frozenset({"sliding_window", "logits_soft_cap", "softmax_scale"})
+_EXPECTED = {"sliding_window": "an integer number of tokens or None (off)"}
+
+
+def _check_int(field: str, value: Any) -> Optional[int]:
+    if value is None and field in _OPTIONAL_FIELDS:
+        return None
+    # numbers.Integral admits numpy integers; bool is an Integral too and is refused by name.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"expected {_EXPECTED.get(field, 'an integer')}, got {_describe(value)}")
+    return int(value)
+
+
+def _check_float(field: str, value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"expected a number or None (off), got {_describe(value)}")
+    return float(value)
+
+
+def _check_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_describe(value)}")
+    return value
+
+
 def _check_allowed(field: str, name: str, allowed: frozenset[str]) -> str:
     if name not in allowed:
         raise ValueError(f"{field}={name} not in {sorted(allowed)}")
@@ -159,6 +197,21 @@ class AttentionConfig(BaseModel):
     backend: str = "auto"
 
     # ---- per-field normalization -------------------------------------------------
+
+    @field_validator(*_INT_FIELDS, mode="before")
+    @classmethod
+    def _int_fields(cls, value: Any, info: ValidationInfo) -> Optional[int]:
+        return _check_int(info.field_name, value)
+
+    @field_validator(*_FLOAT_FIELDS, mode="before")
+    @classmethod
+    def _float_fields(cls, value: Any, info: ValidationInfo) -> Optional[float]:
+        return _check_float(info.field_name, value)
+
+    @field_validator(*_BOOL_FIELDS, mode="before")
+    @classmethod
+    def _bool_fields(cls, value: Any) -> bool:
+        return _check_bool(value)
 
     @field_validator("q_dtype", mode="before")
     @classmethod

@@ -144,3 +144,41 @@ def test_none_mode_needs_the_query_dtype(q):
     assert f"kv_quant_mode=NONE requires kv_cache_dtype equal to q_dtype={q} (got kv_cache_dtype={other})" in str(
         info.value
     )
+
+
+@pytest.mark.parametrize(
+    "changes,field,needle",
+    [
+        # bool is an int in Python: pydantic's lax mode took True as 1 (a window of one token, one head).
+        (dict(num_heads=True, num_kv_heads=1), "num_heads", "expected an integer, got True (bool)"),
+        (dict(sliding_window=True), "sliding_window", "expected an integer number of tokens or None (off), got True"),
+        (dict(sliding_window=False), "sliding_window", "got False (bool)"),
+        (dict(block_size=16.0), "block_size", "expected an integer, got 16.0 (float)"),
+        (dict(head_size="64"), "head_size", "expected an integer, got '64' (str)"),
+        (dict(causal="yes"), "causal", "expected true or false, got 'yes' (str)"),
+        (dict(causal=1), "causal", "expected true or false, got 1 (int)"),
+        (dict(use_alibi="false"), "use_alibi", "expected true or false, got 'false' (str)"),
+        (dict(use_sinks=0), "use_sinks", "expected true or false, got 0 (int)"),
+        (dict(logits_soft_cap=True), "logits_soft_cap", "expected a number or None (off), got True (bool)"),
+        (dict(softmax_scale="0.125"), "softmax_scale", "expected a number or None"),
+        (dict(kv_quant_mode=1), "kv_quant_mode", "kv_quant_mode"),
+    ],
+)
+def test_no_surprising_coercions(changes, field, needle):
+    with pytest.raises(ValidationError) as info:
+        AttentionConfig(**dict(BASE, **changes))
+    errors = info.value.errors()
+    assert [e["loc"] for e in errors] == [(field,)], errors
+    assert needle in str(info.value)
+
+
+def test_plain_numbers_still_load():
+    """What JSON, TOML and YAML give for these fields (and numpy scalars) is accepted unchanged."""
+    import numpy as np
+
+    cfg = AttentionConfig(num_heads=np.int64(8), num_kv_heads=2, head_size=64, sliding_window=128,
+                          logits_soft_cap=30, softmax_scale=np.float32(0.125), causal=False, use_alibi=True)
+    assert (cfg.num_heads, type(cfg.num_heads)) == (8, int)
+    assert cfg.logits_soft_cap == 30.0 and cfg.softmax_scale == 0.125 and cfg.sliding_window == 128
+    data = json.loads(cfg.model_dump_json())
+    assert AttentionConfig.model_validate_json(json.dumps(data)) == cfg
