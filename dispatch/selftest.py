@@ -1,8 +1,9 @@
 """`python -m dispatch selftest`: every backend on this machine against a float64 reference.
 
-For a small, fixed set of configs that covers each KV quantization mode and
-each feature, every registered backend either runs and is compared with
-`dispatch.testing.reference_attention`, or is refused with its reasons.
+For the cases tagged "selftest" in dispatch/cases.py, which cover each KV
+quantization mode and each feature, every registered backend either runs and
+is compared with the float64 oracle (`dispatch.reference.reference_attention`,
+the same one the test suite trusts), or is refused with its reasons.
 A result is `pass`, `refused` (with the first reason) or `fail`; the exit
 code is 1 when anything fails, so the command can gate an install.
 
@@ -22,33 +23,17 @@ import torch
 
 from dispatch import registry
 from dispatch.api import attention
+from dispatch.cases import Case, cases
 from dispatch.config import AttentionConfig
 from dispatch.errors import UnsupportedConfigError
 from dispatch.selector import explain
-from dispatch.testing import make_inputs, output_as_real, reference_attention, unit_roundoff
+from dispatch.reference import reference_attention
+from dispatch.testing import make_inputs, output_as_real, unit_roundoff
 
-__all__ = ["SELFTEST_CONFIGS", "SelftestResult", "run_selftest", "format_results"]
+__all__ = ["SELFTEST_CASES", "SelftestResult", "run_selftest", "format_results"]
 
-_SHAPE = dict(num_heads=4, num_kv_heads=2, head_size=64)
-# (label, config fields): every mode, every feature, GQA, an fp8 output.
-SELFTEST_CONFIGS: tuple[tuple[str, dict], ...] = (
-    ("fp16", dict(q_dtype="float16", kv_cache_dtype="float16")),
-    ("bf16", dict(q_dtype="bfloat16", kv_cache_dtype="bfloat16")),
-    ("fp8q-fp8kv-per-tensor", dict(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn",
-                                   kv_quant_mode="FP8_PER_TENSOR")),
-    ("fp8q-fp8kv-per-tensor-fp16-out", dict(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn",
-                                            kv_quant_mode="FP8_PER_TENSOR", out_dtype="float16")),
-    ("fp16q-e5m2kv-per-tensor", dict(q_dtype="float16", kv_cache_dtype="float8_e5m2", kv_quant_mode="FP8_PER_TENSOR")),
-    ("bf16q-fp8kv-per-token-head", dict(q_dtype="bfloat16", kv_cache_dtype="float8_e4m3fn",
-                                        kv_quant_mode="FP8_PER_TOKEN_HEAD")),
-    ("fp16q-int8kv-per-token-head", dict(q_dtype="float16", kv_cache_dtype="int8",
-                                         kv_quant_mode="INT8_PER_TOKEN_HEAD")),
-    ("fp16-window-softcap-alibi-sinks", dict(q_dtype="float16", kv_cache_dtype="float16", sliding_window=24,
-                                             logits_soft_cap=8.0, use_alibi=True, use_sinks=True, causal=False)),
-    ("fp16-fp8-output", dict(q_dtype="float16", kv_cache_dtype="float16", out_dtype="float8_e4m3fn")),
-)
-_Q_LENS = [1, 1, 17, 5]
-_KV_LENS = [1, 16, 17, 40]
+# Every mode, every feature, GQA, an fp8 output: the table's "selftest" cases.
+SELFTEST_CASES: tuple[Case, ...] = cases("selftest")
 
 
 
@@ -67,18 +52,19 @@ def error_bound(config: AttentionConfig, fp8_query_p_dtype: Optional[str]) -> fl
     return 4 * max(unit_roundoff(s) for s in steps)
 
 
-def _check_one(label: str, config: AttentionConfig, device: str) -> SelftestResult:
+def _check_one(case: Case, config: AttentionConfig, device: str) -> SelftestResult:
+    label = case.name
     report = explain(config, device).report(config.backend)
     if not report.supported:
         more = f" (+{len(report.reasons) - 1} more)" if len(report.reasons) > 1 else ""
         return SelftestResult(label, config.backend, "refused", report.reasons[0] + more)
-    inputs = make_inputs(config, _Q_LENS, _KV_LENS, device=device, seed=1)
+    inputs = make_inputs(config, list(case.q_lens), list(case.kv_lens), device=device, seed=1)
     try:
         out = attention(*inputs.args, config=config, **inputs.kwargs)
     except (UnsupportedConfigError, RuntimeError, ValueError) as exc:
         return SelftestResult(label, config.backend, "fail", f"{type(exc).__name__}: {exc}".splitlines()[0])
     got = output_as_real(out, config, inputs)
-    ref = reference_attention(inputs, config)
+    ref = reference_attention(*inputs.args, **inputs.oracle_kwargs(config))
     if not torch.isfinite(got).all():
         return SelftestResult(label, config.backend, "fail", "non-finite output")
     err = float((got - ref).norm() / ref.norm())
@@ -91,10 +77,9 @@ def _check_one(label: str, config: AttentionConfig, device: str) -> SelftestResu
 def run_selftest(device: Optional[str] = None) -> list[SelftestResult]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = []
-    for label, fields in SELFTEST_CONFIGS:
+    for case in SELFTEST_CASES:
         for name in registry.backend_names():
-            config = AttentionConfig(**_SHAPE, **fields, backend=name)
-            results.append(_check_one(label, config, device))
+            results.append(_check_one(case, case.config(backend=name), device))
     return results
 
 

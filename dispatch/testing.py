@@ -1,17 +1,38 @@
-"""Paged attention inputs for any config: for tests, benchmarks and `python -m dispatch selftest`.
+"""Paged attention inputs for any config: for tests, benchmarks, examples and `python -m dispatch selftest`.
 
-`make_inputs(config, q_lens, kv_lens)` draws real-valued q / k / v, quantizes
-them the way a serving engine would for the config's mode ("a scale is a
-dequantization factor": stored = (x / scale).to(dtype)), scatters keys into
-randomly permuted pages, and poisons everything no sequence may read: unused
-pages, the tail of each sequence's last page and the padding columns of the
-block table all point at NaN (for int8, whose format has no NaN, the
-per-token-head scale of such slots is NaN instead). A backend that reads one
-of them produces NaN, which every comparison catches.
+`make_inputs(config, q_lens, kv_lens)` builds the six tensors and the scales
+of one `dispatch.attention` call the way a serving engine holds them, from
+seeded dense values. It is the test-input builder (random values, poisoned
+memory); an engine writes its own K/V into pages as they are produced.
 
-`reference_attention` is a vectorized float64 implementation of DESIGN.md's
-semantics for the selftest; the test suite checks it against its own, naive
-oracle (tests/oracle.py) and never uses it as the judge of a backend.
+The paged layout it builds, which is what every engine must hand over:
+
+- Sequence s has q_lens[s] new query tokens and kv_lens[s] keys (its context
+  plus those new tokens). Queries of all sequences are packed along dim 0 of
+  q [num_tokens, num_heads, head_size]; cu_seqlens_q (int32 [num_seqs + 1]) is
+  the running sum of q_lens, so sequence s owns rows cu_seqlens_q[s] to
+  cu_seqlens_q[s + 1]; seq_lens (int32 [num_seqs]) is kv_lens.
+- The caches are pools of pages: key_cache / value_cache [num_blocks,
+  block_size, num_kv_heads, head_size]. Sequence s gets ceil(kv_lens[s] /
+  block_size) pages, anywhere in the pool (here: a random permutation, so
+  nothing relies on pages being in order); block_table (int32 [num_seqs,
+  max_blocks_per_seq]) lists them in order, so key token j of sequence s sits
+  at key_cache[block_table[s, j // block_size], j % block_size]. Columns past
+  a sequence's last page are padding (never read).
+- Values are quantized as an engine would for the config's mode ("a scale is
+  a dequantization factor": stored = (x / scale).to(dtype)): one fp32 scale
+  each for q / k / v (FP8_PER_TENSOR), or one per token and KV head in
+  k_scale_cache / v_scale_cache [num_blocks, block_size, num_kv_heads]
+  (amax / format max, per slot).
+
+Everything no sequence may read is poisoned: unused pages, the tail of each
+sequence's last page and the padding columns of the block table all point at
+NaN (for int8, whose format has no NaN, the per-token-head scale of such slots
+is NaN instead). A backend that reads one of them produces NaN, which every
+comparison catches.
+
+The float64 judge is dispatch.reference (the oracle; `oracle_kwargs` maps a
+config to its keywords); named cases to feed `make_inputs` are in dispatch.cases.
 """
 
 from __future__ import annotations
@@ -19,14 +40,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from typing import Optional
-
 import torch
 
 from dispatch.config import FP8_DTYPES, AttentionConfig, KVQuantMode, canonical_dtype_name
 
-__all__ = ["AttentionInputs", "make_inputs", "alibi_slopes_for", "reference_attention", "output_as_real",
-           "unit_roundoff", "Q_SCALE", "K_SCALE", "V_SCALE", "OUTPUT_SCALE"]
+__all__ = ["AttentionInputs", "make_inputs", "alibi_slopes_for", "output_as_real", "unit_roundoff", "Q_SCALE",
+           "K_SCALE", "V_SCALE", "OUTPUT_SCALE"]
 
 # Unit roundoff (half an ulp at 1.0) of each floating format: the size of one rounding.
 _UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8, "float8_e4m3fn": 2.0**-4,
@@ -61,7 +80,7 @@ class AttentionInputs:
         return (self.q, self.key_cache, self.value_cache, self.cu_seqlens_q, self.seq_lens, self.block_table)
 
     def oracle_kwargs(self, config: AttentionConfig) -> dict:
-        """Keyword arguments for tests.oracle.reference_attention."""
+        """Keyword arguments for dispatch.reference.reference_attention (the oracle), which reads no config."""
         kw = {k: v for k, v in self.kwargs.items() if k not in ("output_scale", "out")}
         return dict(
             kw,
@@ -110,7 +129,20 @@ def make_inputs(
     value_range: float = 1.0,
     generate_on_device: bool = False,
 ) -> AttentionInputs:
-    """Seeded inputs for `config` with the given per-sequence query and KV lengths.
+    """Seeded inputs for `config` with the given per-sequence query and KV lengths (layout: module docstring).
+
+    Returns AttentionInputs: q [sum(q_lens), num_heads, head_size] in q_dtype;
+    key_cache / value_cache [num_blocks, block_size, num_kv_heads, head_size] in
+    kv_cache_dtype, num_blocks = the pages the sequences need + `extra_blocks`;
+    cu_seqlens_q int32 [num_seqs + 1]; seq_lens int32 [num_seqs] (= kv_lens);
+    block_table int32 [num_seqs, max pages + 1] (the last column is padding);
+    and in `kwargs` only the fp32 scales and per-head tensors the config uses
+    (q_scale, k_scale, v_scale [1]; k_scale_cache, v_scale_cache [num_blocks,
+    block_size, num_kv_heads]; alibi_slopes, sinks [num_heads]; output_scale
+    [1] for an fp8 output). Real values are N(0, value_range^2), K and V with
+    a different gain per KV head so per-token-head scales really differ.
+    ``poison=False`` leaves unused memory finite (for timing, or to show that
+    poisoning changes nothing).
 
     Values are drawn on the CPU, so a seed gives the same inputs on every device
     (tests compare a GPU run with a CPU oracle). ``generate_on_device=True`` draws
@@ -222,69 +254,3 @@ def output_as_real(out: torch.Tensor, config: AttentionConfig, inputs: Attention
     if config.out_is_fp8:
         real = real * float(inputs.kwargs["output_scale"].cpu()[0])
     return real
-
-
-
-def gather_sequence(cache: torch.Tensor, table_row: torch.Tensor, kv_len: int, config: AttentionConfig):
-    """[num_blocks, block_size, H_kv, D] -> one sequence's first kv_len tokens, each KV head repeated
-    for the query heads of its group: [kv_len, H, D]."""
-    pages = table_row[: math.ceil(kv_len / config.block_size)].long()
-    return cache[pages].flatten(0, 1)[:kv_len].repeat_interleave(config.num_queries_per_kv, dim=1)
-
-
-def apply_score_rules(scores: torch.Tensor, kv_len: int, config: AttentionConfig,
-                      alibi_slopes: Optional[torch.Tensor]) -> torch.Tensor:
-    """Scaled scores [H, q_len, kv_len] -> softcap, ALiBi, then -inf where a key is not visible
-    (bottom-right causal, sliding window), in the dtype of `scores`."""
-    q_len = scores.shape[-2]
-    if config.logits_soft_cap is not None:
-        scores = config.logits_soft_cap * torch.tanh(scores / config.logits_soft_cap)
-    pos = torch.arange(kv_len - q_len, kv_len)[:, None]
-    key = torch.arange(kv_len)[None, :]
-    if alibi_slopes is not None:
-        scores = scores + alibi_slopes.to(scores.dtype)[:, None, None] * (key - pos).to(scores.dtype)
-    visible = torch.ones(q_len, kv_len, dtype=torch.bool)
-    if config.causal:
-        visible &= key <= pos
-    if config.sliding_window is not None:
-        visible &= pos - key < config.sliding_window
-    return scores.masked_fill(~visible, float("-inf"))
-
-
-def reference_attention(inputs: AttentionInputs, config: AttentionConfig) -> torch.Tensor:
-    """Float64 attention on the CPU, one sequence at a time, vectorized over heads and tokens.
-
-    Returns real values [num_tokens, num_heads, head_size] (not rounded to the output dtype).
-    """
-    kw = inputs.kwargs
-
-    def real(stored, scale=None, token_scales=None):
-        x = stored.detach().cpu().double()
-        if scale is not None:
-            x = x * scale.detach().cpu().double().reshape(())
-        if token_scales is not None:
-            x = x * token_scales.detach().cpu().double()[..., None]
-        return x
-
-    q = real(inputs.q, kw.get("q_scale"))
-    k = real(inputs.key_cache, kw.get("k_scale"), kw.get("k_scale_cache"))
-    v = real(inputs.value_cache, kw.get("v_scale"), kw.get("v_scale_cache"))
-    starts = inputs.cu_seqlens_q.cpu().tolist()
-    kv_lens = inputs.seq_lens.cpu().tolist()
-    table = inputs.block_table.cpu().long()
-    out = torch.zeros_like(q)
-    slopes = kw["alibi_slopes"].cpu().double() if config.use_alibi else None
-    sinks = kw["sinks"].cpu().double() if config.use_sinks else None
-    for seq, kv_len in enumerate(kv_lens):
-        q_start, q_end = starts[seq], starts[seq + 1]
-        q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        keys = gather_sequence(k, table[seq], kv_len, config)  # [kv_len, H, D]
-        values = gather_sequence(v, table[seq], kv_len, config)
-        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end], keys) * config.scale
-        scores = apply_score_rules(scores, kv_len, config, slopes)
-        logits = scores if sinks is None else torch.cat([scores, sinks[:, None, None].expand(-1, q_len, 1)], -1)
-        probs = torch.softmax(logits, dim=-1)[..., :kv_len]
-        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, values)
-    return out
