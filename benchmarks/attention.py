@@ -40,36 +40,23 @@ from typing import Callable, Optional
 
 import torch
 
-# Cases: (name, kind, q_lens, kv_lens). 32 query heads, 8 KV heads, head size 128.
-HEADS, KV_HEADS, HEAD_SIZE = 32, 8, 128
-SHAPES: dict[str, tuple[str, list[int], list[int]]] = {
-    "decode-64x8k": ("decode", [1] * 64, [8192] * 64),
-    "decode-8x32k": ("decode", [1] * 8, [32768] * 8),
-    "decode-256x2k": ("decode", [1] * 256, [2048] * 256),
-    "decode-1x128k": ("decode", [1], [131072]),
-    "prefill-4x4k": ("prefill", [4096] * 4, [4096] * 4),
-    "prefill-1x16k": ("prefill", [16384], [16384]),
-    "mixed-2x2k+62": ("mixed", [2048, 2048] + [1] * 62, [8192, 8192] + [4096] * 62),
-}
-QUICK_SHAPES = ("decode-64x8k", "prefill-4x4k", "mixed-2x2k+62")
+from dispatch import cases as table
+
+# The serving shapes are the case table's "bench" cases (dispatch/cases.py), which fix the head geometry
+# (32 query heads, 8 KV heads, head size 128); each is timed with every dtype mode and block size below.
+# The names stay importable for the lab tools (tune_tiles, profile_case, ab_kernel).
+_BENCH = table.cases("bench")
+HEADS, KV_HEADS, HEAD_SIZE = (_BENCH[0].fields[k] for k in ("num_heads", "num_kv_heads", "head_size"))
+# name -> (kind, q_lens, kv_lens)
+SHAPES: dict[str, tuple[str, list[int], list[int]]] = {c.name: (c.kind, list(c.q_lens), list(c.kv_lens))
+                                                        for c in _BENCH}
+QUICK_SHAPES = tuple(c.name for c in table.cases("bench-quick"))
 SMOKE_SHAPES: dict[str, tuple[str, list[int], list[int]]] = {
-    "smoke-decode": ("decode", [1, 1], [40, 17]),
-    "smoke-prefill": ("prefill", [17], [17]),
-}
-# (name, config fields)
-DTYPES: dict[str, dict] = {
-    "bf16": dict(q_dtype="bfloat16", kv_cache_dtype="bfloat16"),
-    "bf16q-fp8kv": dict(q_dtype="bfloat16", kv_cache_dtype="float8_e4m3fn", kv_quant_mode="FP8_PER_TENSOR"),
-    "fp8q-fp8kv": dict(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn", kv_quant_mode="FP8_PER_TENSOR"),
-    "bf16q-fp8kv-pth": dict(q_dtype="bfloat16", kv_cache_dtype="float8_e4m3fn", kv_quant_mode="FP8_PER_TOKEN_HEAD"),
-    "bf16q-int8kv-pth": dict(q_dtype="bfloat16", kv_cache_dtype="int8", kv_quant_mode="INT8_PER_TOKEN_HEAD"),
-}
-# Under the Triton interpreter bf16 dots are wrong upstream (triton issue 11584): the smoke run uses fp16.
-SMOKE_DTYPES: dict[str, dict] = {
-    "fp16": dict(q_dtype="float16", kv_cache_dtype="float16"),
-    "fp16q-int8kv-pth": dict(q_dtype="float16", kv_cache_dtype="int8", kv_quant_mode="INT8_PER_TOKEN_HEAD"),
-}
-BLOCK_SIZES = (16, 128)
+    c.name: (c.kind, list(c.q_lens), list(c.kv_lens)) for c in table.cases("bench-smoke")}
+# name -> config fields
+DTYPES: dict[str, dict] = {name: table.DTYPE_MODES[name] for name in table.BENCH_DTYPE_MODES}
+SMOKE_DTYPES: dict[str, dict] = {name: table.DTYPE_MODES[name] for name in table.SMOKE_DTYPE_MODES}
+BLOCK_SIZES = table.BENCH_BLOCK_SIZES
 
 
 @dataclass
@@ -190,14 +177,12 @@ def environment() -> dict:
     return env
 
 
-def run_case(name, kind, q_lens, kv_lens, dtype_name, fields, block_size, backends, device, timer,
-             smoke) -> list[Result]:
+def run_case(name, kind, q_lens, kv_lens, dtype_name, fields, block_size, backends, device, timer) -> list[Result]:
     import dispatch
     from dispatch.testing import make_inputs, output_as_real
 
-    heads, kv_heads, head_size = (4, 2, 32) if smoke else (HEADS, KV_HEADS, HEAD_SIZE)
-    base = dispatch.AttentionConfig(num_heads=heads, num_kv_heads=kv_heads, head_size=head_size,
-                                    block_size=block_size, causal=True, **fields)
+    base = table.case(name).config(block_size=block_size, **fields)
+    heads, head_size = base.num_heads, base.head_size
     inputs = make_inputs(base, q_lens, kv_lens, device=device, seed=0, poison=False, extra_blocks=0,
                          generate_on_device=device != "cpu")
     trusted = None
@@ -391,7 +376,7 @@ def main(argv=None) -> int:
     for name, dtype_name, block_size in tqdm(work, desc="benchmarks", unit="case"):
         kind, q_lens, kv_lens = shapes[name]
         results += run_case(name, kind, q_lens, kv_lens, dtype_name, dtype_table[dtype_name], block_size,
-                            args.backends, device, timer, args.smoke)
+                            args.backends, device, timer)
         if device == "cuda":
             torch.cuda.empty_cache()
     write_outputs(results, limits, env, args.out)

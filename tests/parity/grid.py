@@ -1,6 +1,9 @@
 """The parity grid: factors, a deterministic all-pairs sample, and the inputs of each case.
 
-Every factor a backend's capability can depend on is here. The full product is
+Every factor a backend's capability can depend on is here; the values of the
+dtype, feature and length factors are named entries of the shared case table
+(dispatch/cases.py), so a case id reads like the rest of the project's
+(`fp8q-fp8kv-window-gqa4-h128-bs16-decode`). The full product is
 thousands of cases, so by default the grid is an all-pairs covering array:
 every pair of values of every two factors appears in at least one case
 (greedy, deterministic, so the same cases run everywhere). `--parity-full`
@@ -13,35 +16,15 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from dispatch import cases as table
 from dispatch.config import AttentionConfig
 
-# (label, config fields): each valid pairing of query dtype, cache dtype and quantization mode.
-DTYPE_MODES: tuple[tuple[str, dict], ...] = (
-    ("fp16", dict(q_dtype="float16", kv_cache_dtype="float16", kv_quant_mode="NONE")),
-    ("bf16", dict(q_dtype="bfloat16", kv_cache_dtype="bfloat16", kv_quant_mode="NONE")),
-    ("fp8q-e4m3-pt", dict(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn", kv_quant_mode="FP8_PER_TENSOR")),
-    ("fp16q-e4m3-pt", dict(q_dtype="float16", kv_cache_dtype="float8_e4m3fn", kv_quant_mode="FP8_PER_TENSOR")),
-    ("bf16q-e5m2-pt", dict(q_dtype="bfloat16", kv_cache_dtype="float8_e5m2", kv_quant_mode="FP8_PER_TENSOR")),
-    ("bf16q-e4m3-pth", dict(q_dtype="bfloat16", kv_cache_dtype="float8_e4m3fn", kv_quant_mode="FP8_PER_TOKEN_HEAD")),
-    ("fp16q-e5m2-pth", dict(q_dtype="float16", kv_cache_dtype="float8_e5m2", kv_quant_mode="FP8_PER_TOKEN_HEAD")),
-    ("fp16q-int8-pth", dict(q_dtype="float16", kv_cache_dtype="int8", kv_quant_mode="INT8_PER_TOKEN_HEAD")),
-    ("bf16q-int8-pth", dict(q_dtype="bfloat16", kv_cache_dtype="int8", kv_quant_mode="INT8_PER_TOKEN_HEAD")),
-)
-FEATURES: tuple[tuple[str, dict], ...] = (
-    ("causal", dict(causal=True)),
-    ("noncausal", dict(causal=False)),
-    ("window", dict(sliding_window=19)),
-    ("softcap", dict(logits_soft_cap=5.0)),
-    ("alibi", dict(use_alibi=True)),
-    ("sinks", dict(use_sinks=True)),
-    ("fp8out", dict(out_dtype="float8_e4m3fn")),
-)
-# Batches: (label, q_lens, kv_lens) with lengths at page (16) and tile edges and a one-token sequence.
-BATCHES: tuple[tuple[str, list[int], list[int]], ...] = (
-    ("decode", [1, 1, 1, 1], [1, 16, 17, 129]),
-    ("prefill", [1, 15, 33], [1, 15, 33]),
-    ("mixed", [1, 5, 16, 1], [128, 17, 16, 31]),
-)
+# (label, config fields): the case table's valid pairings of query dtype, cache dtype and mode, and its
+# named feature settings (dispatch/cases.py).
+DTYPE_MODES: tuple[tuple[str, dict], ...] = tuple((name, table.DTYPE_MODES[name]) for name in table.PARITY_DTYPE_MODES)
+FEATURES: tuple[tuple[str, dict], ...] = tuple(table.FEATURES.items())
+# Length sets: the table's "parity" cases (decode, prefill, mixed; lengths at page and tile edges).
+BATCHES: tuple[table.Case, ...] = table.cases("parity")
 NUM_HEADS = 8
 
 
@@ -63,26 +46,27 @@ class Case:
     gqa: int
     head_size: int
     block_size: int
-    batch: tuple[str, list, list]
+    batch: table.Case  # lengths only
 
     @property
     def id(self) -> str:
         return (f"{self.dtype_mode[0]}-{self.feature[0]}-gqa{self.gqa}-h{self.head_size}-bs{self.block_size}"
-                f"-{self.batch[0]}")
+                f"-{self.batch.name}")
 
     def config(self, backend: str) -> AttentionConfig:
         return AttentionConfig(
             num_heads=NUM_HEADS, num_kv_heads=NUM_HEADS // self.gqa, head_size=self.head_size,
             block_size=self.block_size, backend=backend, **self.dtype_mode[1], **self.feature[1],
+            **self.batch.fields,
         )
 
     @property
     def q_lens(self) -> list[int]:
-        return self.batch[1]
+        return list(self.batch.q_lens)
 
     @property
     def kv_lens(self) -> list[int]:
-        return self.batch[2]
+        return list(self.batch.kv_lens)
 
 
 def all_pairs(values: dict[str, tuple]) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Every backend, every combination it claims, against the float64 oracle; everything else refused.
 
 The grid comes from tests/parity/grid.py (all pairs of factor values by
-default, the full product with --parity-full). For each registered backend
+default, the full product with --parity-full), its dtype modes, features and
+length sets from the shared case table (dispatch/cases.py). For each registered backend
 and each case:
   - the backend declares support (explain says so): dispatch.attention with the
     backend named must run *that* backend and match the oracle within
@@ -10,6 +11,7 @@ and each case:
   - it does not: the explicit request must raise UnsupportedConfigError.
 Quantized inputs use distinct non-unit scales (per token and head where the
 mode allows); unused pages and padding are NaN (dispatch.testing.make_inputs).
+The judge is the float64 oracle (dispatch/reference.py via tests/oracle.py).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _same_precision_error(case: Case) -> tuple[float, float]:
 def _multiple(case: Case, backend: str) -> float:
     """k: 3 for softcap (tanh adds its own rounding) and for decode batches (split-KV merges partial
     softmaxes), 2 otherwise."""
-    return 3.0 if case.feature[0] == "softcap" or case.batch[0] == "decode" else 2.0
+    return 3.0 if case.feature[0] == "softcap" or case.batch.kind == "decode" else 2.0
 
 
 def _record(device, backend, case, status, ratio=None, detail=""):
