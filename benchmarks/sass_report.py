@@ -45,7 +45,8 @@ def compile_kernel(args):
         USE_SOFTCAP=False, USE_ALIBI=False, USE_SINKS=False, SPLIT_KV=False, USE_PTX=True,
         UNMASKED_INTERIOR=not args.one_masked_loop, WIDE_OFFSETS=args.wide_offsets,
         # what the JIT specializes: unit strides become constants
-        stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_ksch=1, stride_vsch=1,
+        stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_ksch=1, stride_vsch=1, stride_alibi=1,
+        stride_sink=1,
     )
     pointers = {"Q": q, "K_cache": kv, "V_cache": kv, "Out": "bf16", "Partials": "fp32", "Cu_seqlens_q": "i32",
                 "Seq_lens": "i32", "Block_table": "i32"}

@@ -16,11 +16,12 @@ from typing import Optional
 
 import torch
 
-from dispatch import registry
-from dispatch.config import AttentionConfig, KVQuantMode
+from dispatch import contract, registry
+from dispatch.config import AttentionConfig
 from dispatch.errors import InputError
 from dispatch.overrides import Override, _override
 from dispatch.selector import Plan, select
+from dispatch.speed import workload_of
 
 __all__ = ["attention"]
 
@@ -35,119 +36,31 @@ _current_override = _override.get
 class _CallSpec:
     """What a valid call with one config looks like, precomputed: the hot path's checks.
 
-    `fast_check()` is a fast, conservative predicate over tensor metadata. When it says
-    no, `check_inputs()` runs and names the problem (or finds none: `fast_check()` is
-    stricter, e.g. it wants whole tensors contiguous where only the last dimension
-    must be). The plan for each (tensor device, `dispatch.use()` override) is cached
-    here too, in front of select()'s own cache, so a cached call neither hashes the
-    config nor resolves the device.
+    `fast_check` is generated from the contract table for this config (`contract.compile_fast_check`):
+    a fast, conservative predicate over tensor metadata. When it says no, `contract.check()` runs and
+    names the problem. The plan for each (tensor device, `dispatch.use()` override) is cached here
+    too, in front of select()'s own cache, so a cached call neither hashes the config nor resolves
+    the device.
     """
 
-    __slots__ = ("config", "q_dtype", "cache_dtype", "out_dtype", "dtypes", "heads", "head_size", "block_size",
-                 "kv_heads", "heads_shape", "q_row_bytes", "out_row_bytes", "page_bytes", "needed", "scalar_scales",
-                 "scale_caches", "head_vectors", "plans", "last_plan")
+    __slots__ = ("config", "fast_check", "plans", "last_plan")
 
     def __init__(self, config: AttentionConfig):
-        mode = config.kv_quant_mode
         self.config = config
-        self.q_dtype, self.cache_dtype, self.out_dtype = (config.q_torch_dtype, config.kv_cache_torch_dtype,
-                                                          config.out_torch_dtype)
-        self.dtypes = (self.q_dtype, self.cache_dtype, self.cache_dtype, torch.int32, torch.int32, torch.int32)
-        self.heads, self.head_size = config.num_heads, config.head_size
-        self.block_size, self.kv_heads = config.block_size, config.num_kv_heads
-        self.heads_shape = (config.num_heads,)  # alibi_slopes, sinks
-        # Bytes per token of q and out, and per page of a KV cache: the sizes of contiguous tensors of known shape.
-        self.q_row_bytes = config.num_heads * config.head_size * self.q_dtype.itemsize
-        self.out_row_bytes = config.num_heads * config.head_size * self.out_dtype.itemsize
-        self.page_bytes = config.block_size * config.num_kv_heads * config.head_size * self.cache_dtype.itemsize
-        # which of q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale
-        self.needed = (config.q_is_fp8, mode is KVQuantMode.FP8_PER_TENSOR, mode is KVQuantMode.FP8_PER_TENSOR,
-                       mode.is_per_token_head, mode.is_per_token_head, config.use_alibi, config.use_sinks,
-                       config.out_is_fp8)
-        # Which groups of scale checks can apply at all, so a config without them skips the group's code.
-        self.scalar_scales = config.q_is_fp8 or mode is KVQuantMode.FP8_PER_TENSOR or config.out_is_fp8
-        self.scale_caches = mode.is_per_token_head
-        self.head_vectors = config.use_alibi or config.use_sinks
-        self.plans: dict[tuple[torch.device, Override], Plan] = {}
-        # (device, override, plan) of the last plan handed out: one tuple, so a reader on another thread sees
-        # a consistent triple. It spares the common call a dict lookup, whose key hashes the Override
-        # dataclass (a Python-level __hash__, more than 100 ns).
-        self.last_plan: tuple = (None, None, None)
+        self.fast_check = contract.compile_fast_check(config)
+        self.plans: dict[tuple, Plan] = {}
+        # (device, override, shape class, plan) of the last plan handed out: one tuple, so a reader on
+        # another thread sees a consistent record. It spares the common call a dict lookup, whose key
+        # hashes the Override dataclass (a Python-level __hash__, more than 100 ns).
+        self.last_plan: tuple = (None, None, None, None)
 
-    def fast_check(self, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, q_scale, k_scale,
-                   v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale, out):
-        """The device of q when every fast check passes, else None (then `check_inputs()` decides).
-
-        Written for speed (this is the per-call cost of the dispatcher): each torch attribute read costs
-        50-110 ns and dominates, so every tensor attribute is read once, and nothing is read that the
-        shapes already tell (the byte sizes for the aliasing test); shapes are indexed, not sliced
-        (slicing a torch.Size costs more than two indexes).
-        """
-        try:
-            device = q.device
-            q_shape, k_shape = q.shape, key_cache.shape
-            lens_shape, cu_shape, table_shape = seq_lens.shape, cu_seqlens_q.shape, block_table.shape
-            # The six dtypes in one tuple comparison (dtypes are singletons: its identity test decides each).
-            if ((q.dtype, key_cache.dtype, value_cache.dtype, seq_lens.dtype, cu_seqlens_q.dtype, block_table.dtype)
-                    != self.dtypes
-                    or len(q_shape) != 3 or q_shape[1] != self.heads or q_shape[2] != self.head_size
-                    or len(k_shape) != 4 or k_shape[1] != self.block_size or k_shape[2] != self.kv_heads
-                    or k_shape[3] != self.head_size or value_cache.shape != k_shape
-                    or len(lens_shape) != 1 or len(cu_shape) != 1 or len(table_shape) != 2
-                    or cu_shape[0] != lens_shape[0] + 1 or table_shape[0] != lens_shape[0] or table_shape[1] == 0
-                    or key_cache.device != device or value_cache.device != device or seq_lens.device != device
-                    or cu_seqlens_q.device != device or block_table.device != device
-                    or not (q.is_contiguous() and key_cache.is_contiguous() and value_cache.is_contiguous()
-                            and seq_lens.is_contiguous() and cu_seqlens_q.is_contiguous()
-                            and block_table.is_contiguous())):
-                return None
-            # The scales the config needs are present and the others absent: one tuple comparison. Past it,
-            # a group's tensors are either all None or all needed, so `is not None` picks the ones to check.
-            if (q_scale is not None, k_scale is not None, v_scale is not None, k_scale_cache is not None,
-                    v_scale_cache is not None, alibi_slopes is not None, sinks is not None,
-                    output_scale is not None) != self.needed:
-                return None
-            if self.scalar_scales:
-                for scale in (q_scale, k_scale, v_scale, output_scale):
-                    if scale is not None and (scale.dtype is not torch.float32 or scale.device != device
-                                              or scale.numel() != 1):
-                        return None
-            if self.scale_caches:
-                cache_shape = (k_shape[0], self.block_size, self.kv_heads)
-                for scale in (k_scale_cache, v_scale_cache):
-                    if (scale.dtype is not torch.float32 or scale.shape != cache_shape or scale.device != device
-                            or not scale.is_contiguous()):
-                        return None
-            if self.head_vectors:
-                for vector in (alibi_slopes, sinks):
-                    if vector is not None and (vector.dtype is not torch.float32 or vector.shape != self.heads_shape
-                                               or vector.device != device):
-                        return None
-            if out is not None:
-                if (out.dtype is not self.out_dtype or out.shape != q_shape or out.device != device
-                        or not out.is_contiguous()):
-                    return None
-                # All four are contiguous by now, so each spans [data_ptr, data_ptr + nbytes); the byte counts
-                # come from the shapes checked above (cheaper than reading t.nbytes, a C call per tensor).
-                start = out.data_ptr()
-                end = start + q_shape[0] * self.out_row_bytes
-                q_start, k_start, v_start = q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr()
-                cache_bytes = k_shape[0] * self.page_bytes
-                if ((start < q_start + q_shape[0] * self.q_row_bytes and q_start < end)
-                        or (start < k_start + cache_bytes and k_start < end)
-                        or (start < v_start + cache_bytes and v_start < end)):
-                    return None
-            return device
-        except (AttributeError, TypeError, IndexError):  # not a tensor where one was expected
-            return None
-
-    def plan(self, device: torch.device, override: Override) -> Plan:
-        """The plan for (device, override): from this spec's cache, else from select()."""
-        key = (device, override)
+    def plan(self, device: torch.device, override: Override, workload: Optional[str]) -> Plan:
+        """The plan for (device, override, workload): from this spec's cache, else from select()."""
+        key = (device, override, workload)
         plan = self.plans.get(key)
         if plan is None:
-            plan = self.plans[key] = select(self.config, device)
-        self.last_plan = (device, override, plan)
+            plan = self.plans[key] = select(self.config, device, workload=workload)
+        self.last_plan = (device, override, workload, plan)
         return plan
 
 
@@ -181,143 +94,33 @@ def _spec_for(config) -> _CallSpec:
     return spec
 
 
-def _describe(t) -> str:
-    if t is None:
-        return "None"
-    if not isinstance(t, torch.Tensor):
-        return f"{type(t).__name__}"
-    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+def check_inputs(config: AttentionConfig, *args) -> None:
+    """Raise InputError for the first argument that does not match `config` (arguments in the
+    contract's order: the six positional tensors, then q_scale ... out)."""
+    contract.check(config, dict(zip(_NAMES, args)))
 
 
-def _check_tensor(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device, why: str = "") -> None:
-    """shape entries may be None (any size). Raises InputError naming `name`."""
-    if not isinstance(t, torch.Tensor):
-        raise InputError(f"{name}: expected a {dtype} tensor{why}, got {_describe(t)}")
-    if t.dim() != len(shape) or any(e is not None and e != g for e, g in zip(shape, t.shape)):
-        want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
-        raise InputError(f"{name}: expected shape {want}{why}, got {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise InputError(f"{name}: expected dtype {dtype}{why}, got {t.dtype}")
-    if t.device != device:
-        raise InputError(f"{name}: expected a tensor on {device} (the device of q), got one on {t.device}")
+_NAMES = tuple(a.name for a in contract.ARGUMENTS)
 
 
-def _check_scalar_scale(name: str, t, device: torch.device, why: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise InputError(f"{name}: required {why}, got {_describe(t)}")
-    if t.numel() != 1:
-        raise InputError(f"{name}: expected one element (a per-tensor scale) {why}, got shape {tuple(t.shape)}")
-    if t.dtype != torch.float32:
-        raise InputError(f"{name}: expected dtype torch.float32 {why}, got {t.dtype}")
-    if t.device != device:
-        raise InputError(f"{name}: expected a tensor on {device} (the device of q), got one on {t.device}")
+def _check_contiguous(plan: Plan, values: dict) -> None:
+    """Arguments the chosen backend declares it needs fully contiguous (Capability.contiguous_arguments)."""
+    for name in sorted(plan.capability.contiguous_arguments):
+        value = values.get(name)
+        if value is not None and not value.is_contiguous():
+            raise InputError(f"{name}: backend {plan.name!r} needs a contiguous tensor (its capability's "
+                             f"contiguous_arguments), got strides {value.stride()} for shape {tuple(value.shape)}")
 
 
-def _absent(name: str, t, why: str) -> None:
-    if t is not None:
-        raise InputError(f"{name}: must be None {why}, got {_describe(t)}")
+def _finite_positive(name: str, t: torch.Tensor) -> None:
+    if not (math.isfinite(float(t.reshape(-1)[0])) and float(t.reshape(-1)[0]) > 0):
+        raise InputError(f"{name}: expected a finite, positive scale, got {float(t.reshape(-1)[0])}")
 
 
-def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
-    if t.stride(-1) != 1:
-        raise InputError(f"{name}: expected a contiguous last dimension (stride 1), got strides {t.stride()}")
-
-
-def check_inputs(
-    config: AttentionConfig,
-    q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table,
-    q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale, out,
-) -> None:
-    """Raise InputError for the first argument that does not match `config`."""
-    if not isinstance(q, torch.Tensor):
-        raise InputError(f"q: expected a tensor [num_tokens, num_heads, head_size], got {_describe(q)}")
-    device = q.device
-    heads, kv_heads, d, bs = config.num_heads, config.num_kv_heads, config.head_size, config.block_size
-    _check_tensor("q", q, (None, heads, d), config.q_torch_dtype, device,
-                  " ([num_tokens, num_heads, head_size] in q_dtype)")
-    _check_last_dim_contiguous("q", q)
-    num_tokens = q.shape[0]
-    _check_tensor("key_cache", key_cache, (None, bs, kv_heads, d), config.kv_cache_torch_dtype, device,
-                  " ([num_blocks, block_size, num_kv_heads, head_size] in kv_cache_dtype)")
-    num_blocks = key_cache.shape[0]
-    _check_tensor("value_cache", value_cache, tuple(key_cache.shape), config.kv_cache_torch_dtype, device,
-                  " (same as key_cache)")
-    _check_last_dim_contiguous("key_cache", key_cache)
-    _check_last_dim_contiguous("value_cache", value_cache)
-    _check_tensor("seq_lens", seq_lens, (None,), torch.int32, device, " (int32 [num_seqs])")
-    num_seqs = seq_lens.shape[0]
-    _check_tensor("cu_seqlens_q", cu_seqlens_q, (num_seqs + 1,), torch.int32, device,
-                  f" (int32 [num_seqs + 1] with num_seqs={num_seqs} from seq_lens)")
-    _check_tensor("block_table", block_table, (num_seqs, None), torch.int32, device,
-                  " (int32 [num_seqs, max_blocks_per_seq])")
-    if block_table.shape[1] == 0:
-        raise InputError("block_table: expected at least one page per sequence, got shape "
-                         f"{tuple(block_table.shape)}")
-    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens", seq_lens)):
-        _check_last_dim_contiguous(name, t)
-    _check_last_dim_contiguous("block_table", block_table)
-
-    mode = config.kv_quant_mode
-    mode_why = f"for kv_quant_mode={mode.value}"
-    if config.q_is_fp8:
-        _check_scalar_scale("q_scale", q_scale, device, f"for q_dtype={config.q_dtype}")
-    else:
-        _absent("q_scale", q_scale, f"for q_dtype={config.q_dtype} (only an fp8 query has a scale)")
-    if mode is KVQuantMode.FP8_PER_TENSOR:
-        _check_scalar_scale("k_scale", k_scale, device, mode_why)
-        _check_scalar_scale("v_scale", v_scale, device, mode_why)
-    else:
-        _absent("k_scale", k_scale, mode_why)
-        _absent("v_scale", v_scale, mode_why)
-    if mode.is_per_token_head:
-        for name, t in (("k_scale_cache", k_scale_cache), ("v_scale_cache", v_scale_cache)):
-            if t is None:
-                raise InputError(f"{name}: required {mode_why}, got None")
-            _check_tensor(name, t, (num_blocks, bs, kv_heads), torch.float32, device,
-                          " (fp32 [num_blocks, block_size, num_kv_heads])")
-            if not t.is_contiguous():
-                raise InputError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
-    else:
-        _absent("k_scale_cache", k_scale_cache, mode_why)
-        _absent("v_scale_cache", v_scale_cache, mode_why)
-
-    if config.use_alibi:
-        _check_tensor("alibi_slopes", alibi_slopes, (heads,), torch.float32, device,
-                      " (fp32 [num_heads], required for use_alibi=True)")
-    else:
-        _absent("alibi_slopes", alibi_slopes, "for use_alibi=False")
-    if config.use_sinks:
-        _check_tensor("sinks", sinks, (heads,), torch.float32, device, " (fp32 [num_heads], required for use_sinks=True)")
-    else:
-        _absent("sinks", sinks, "for use_sinks=False")
-    if config.out_is_fp8:
-        _check_scalar_scale("output_scale", output_scale, device, f"for out_dtype={config.out_dtype}")
-    else:
-        _absent("output_scale", output_scale, f"for out_dtype={config.out_dtype} (only fp8 output is scaled)")
-
-    if out is not None:
-        _check_tensor("out", out, (num_tokens, heads, d), config.out_torch_dtype, device,
-                      " ([num_tokens, num_heads, head_size] in out_dtype)")
-        _check_last_dim_contiguous("out", out)
-        for name, t in (("q", q), ("key_cache", key_cache), ("value_cache", value_cache)):
-            if _overlaps(out, t):
-                raise InputError(f"out: must not share memory with {name}")
-
-
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    if t.numel() == 0:
-        return t.data_ptr(), t.data_ptr()
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
-    return a0 < b1 and b0 < a1
-
-
-def check_values(config: AttentionConfig, q, key_cache, cu_seqlens_q, seq_lens, block_table) -> None:
-    """Debug-mode checks that read the index tensors on the host (a sync on GPU)."""
+def check_values(config: AttentionConfig, q, key_cache, cu_seqlens_q, seq_lens, block_table, *,
+                 q_scale=None, k_scale=None, v_scale=None, k_scale_cache=None, v_scale_cache=None,
+                 output_scale=None) -> None:
+    """Debug-mode checks that read values on the host (a sync on GPU): lengths, page ids, scales."""
     starts = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     table = block_table.cpu()
@@ -326,6 +129,7 @@ def check_values(config: AttentionConfig, q, key_cache, cu_seqlens_q, seq_lens, 
     if starts[-1] != q.shape[0]:
         raise InputError(f"cu_seqlens_q: expected cu_seqlens_q[-1] == num_tokens={q.shape[0]}, got {starts[-1]}")
     num_blocks = key_cache.shape[0]
+    used_pages = []
     for seq, kv_len in enumerate(lens):
         q_len = starts[seq + 1] - starts[seq]
         if q_len < 0:
@@ -344,6 +148,25 @@ def check_values(config: AttentionConfig, q, key_cache, cu_seqlens_q, seq_lens, 
             column = int(bad.nonzero()[0])
             raise InputError(f"block_table: sequence {seq}, column {column}: page id {int(used[column])} not in "
                              f"[0, {num_blocks}) (num_blocks of key_cache)")
+        used_pages.append((used, kv_len))
+    # Scales: a NaN, infinite, zero or negative scale makes every output it touches wrong (inf gives NaN,
+    # 0 saturates an fp8 output), so debug mode refuses them by name.
+    for name, scale in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale),
+                        ("output_scale", output_scale)):
+        if scale is not None:
+            _finite_positive(name, scale.detach().float().cpu())
+    for name, scales in (("k_scale_cache", k_scale_cache), ("v_scale_cache", v_scale_cache)):
+        if scales is None:
+            continue
+        host = scales.detach().cpu()
+        for seq, (pages, kv_len) in enumerate(used_pages):
+            # The slots this sequence reads: whole pages, then the first kv_len % block_size of the last.
+            rows = host[pages.long()].reshape(-1, host.shape[2])[:kv_len]
+            bad = ~torch.isfinite(rows)
+            if bool(bad.any()):
+                token, head = (int(i) for i in bad.nonzero()[0])
+                raise InputError(f"{name}: sequence {seq}, token {token}, KV head {head}: expected a finite "
+                                 f"scale in every slot the call reads, got {float(rows[token, head])}")
 
 
 def attention(
@@ -364,41 +187,38 @@ def attention(
     sinks: Optional[torch.Tensor] = None,
     output_scale: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
+    max_query_len: Optional[int] = None,
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """Paged, variable-length attention on the backend `config.backend` names or `auto` picks.
 
-    Args:
-        q: [num_tokens, num_heads, head_size] in ``config.q_dtype``; the query tokens of all
-            sequences, concatenated.
-        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size] in
-            ``config.kv_cache_dtype``; pages of ``block_size`` tokens.
-        cu_seqlens_q: int32 [num_seqs + 1]; sequence s owns query rows
-            cu_seqlens_q[s] : cu_seqlens_q[s + 1].
-        seq_lens: int32 [num_seqs]; KV length of each sequence (context + new tokens), which
-            must be at least its query length.
-        block_table: int32 [num_seqs, max_blocks_per_seq]; key j of sequence s lives in page
-            block_table[s, j // block_size], slot j % block_size.
+    Args (generated from the contract table, dispatch/contract.py):
+{arguments}
         config: the AttentionConfig this call must match.
-        q_scale: fp32, one element; required when q is fp8, else None.
-        k_scale, v_scale: fp32, one element each; required for FP8_PER_TENSOR, else None.
-        k_scale_cache, v_scale_cache: fp32 [num_blocks, block_size, num_kv_heads]; required
-            for FP8_PER_TOKEN_HEAD and INT8_PER_TOKEN_HEAD, else None.
-        alibi_slopes: fp32 [num_heads]; required when ``config.use_alibi``.
-        sinks: fp32 [num_heads]; required when ``config.use_sinks``.
-        output_scale: fp32, one element; required when ``config.out_dtype`` is fp8
-            (stored output = attention / output_scale, saturated to the format's range).
-        out: optional preallocated [num_tokens, num_heads, head_size] in ``config.out_dtype``.
-        validate: also check the index values (lengths, page ids) on the host; None means
+        max_query_len: optional host-side int, an upper bound on the longest query of the batch
+            (engines hold it: vLLM's and FlashInfer's metadata carry it on the host). It only
+            steers `auto`: with it, auto runs the fastest backend measured for this workload
+            ("decode" when at most DECODE_MAX_QUERY_LEN, else "prefill"; `dispatch.speed`);
+            without it, auto walks the default order. Never read on the device; an explicit
+            backend ignores it. With validate, the bound is checked.
+        validate: also check the values on the host: lengths, page ids, the hint, and that scales
+            are finite and positive (and scale caches finite in every slot read); None means
             "when DISPATCH_DEBUG=1". This syncs with the GPU: for debugging, not for serving.
 
-    A scale is a dequantization factor: real value = stored.float() * scale. Query i of a
-    sequence with q_len queries and kv_len keys sits at position kv_len - q_len + i, so the
-    causal mask is aligned bottom-right (q_len=2, kv_len=5)::
+    Shapes: every tensor's last dimension must be contiguous; other strides are free (views into
+    an engine's buffers run as they are, without copies). A scale is a dequantization factor:
+    real value = stored.float() * scale. Query i of a sequence with q_len queries and kv_len keys
+    sits at position kv_len - q_len + i, so the causal mask is aligned bottom-right
+    (q_len=2, kv_len=5)::
 
         key   0 1 2 3 4
         q0    1 1 1 1 0
         q1    1 1 1 1 1
+
+    Without validate, the caller guarantees what no metadata check can see: cu_seqlens_q starts
+    at 0, never decreases and ends at num_tokens; seq_lens[s] >= its query length; block_table
+    has ceil(seq_lens[s] / block_size) valid page ids (in [0, num_blocks)) in each row. A
+    kernel that reads past them returns garbage or faults.
 
     Returns:
         [num_tokens, num_heads, head_size] in ``config.out_dtype`` (``out`` itself when given).
@@ -425,17 +245,37 @@ def attention(
         check_inputs(config, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, q_scale, k_scale,
                      v_scale, k_scale_cache, v_scale_cache, alibi_slopes, sinks, output_scale, out)
         device = q.device
+    workload = None if max_query_len is None else workload_of(max_query_len)
     if validate or (validate is None and DEBUG):
-        check_values(config, q, key_cache, cu_seqlens_q, seq_lens, block_table)
+        check_values(config, q, key_cache, cu_seqlens_q, seq_lens, block_table, q_scale=q_scale, k_scale=k_scale,
+                     v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache,
+                     output_scale=output_scale)
+        if max_query_len is not None:
+            _check_max_query_len(max_query_len, cu_seqlens_q)
     override = _current_override()
-    last_device, last_override, plan = spec.last_plan
+    last_device, last_override, last_workload, plan = spec.last_plan
     # `is` suffices for the override: outside any `dispatch.use()` scope it is always the contextvar's one
     # default object, inside one the scope's object; any other object misses here and takes spec.plan(),
     # whose dict compares overrides by value.
-    if override is not last_override or device != last_device:
-        plan = spec.plan(device, override)
+    if override is not last_override or device != last_device or workload != last_workload:
+        plan = spec.plan(device, override, workload)
+    if plan.capability.contiguous_arguments:
+        _check_contiguous(plan, dict(q=q, key_cache=key_cache, value_cache=value_cache, k_scale_cache=k_scale_cache,
+                                     v_scale_cache=v_scale_cache, alibi_slopes=alibi_slopes, sinks=sinks, out=out))
     return plan.backend_forward(
         q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config=config,
         q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache,
         v_scale_cache=v_scale_cache, alibi_slopes=alibi_slopes, sinks=sinks, output_scale=output_scale, out=out,
     )
+
+
+def _check_max_query_len(max_query_len, cu_seqlens_q) -> None:
+    if isinstance(max_query_len, bool) or not isinstance(max_query_len, int) or max_query_len < 0:
+        raise InputError(f"max_query_len: expected a non-negative int (a host-side bound), got {max_query_len!r}")
+    lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    longest = max(lengths, default=0)
+    if longest > max_query_len:
+        raise InputError(f"max_query_len: {max_query_len} is below the longest query of the call ({longest} tokens)")
+
+
+attention.__doc__ = attention.__doc__.replace("{arguments}", contract.argument_docs())

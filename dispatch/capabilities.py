@@ -117,6 +117,10 @@ class Capability:
     required_modules: tuple[str, ...] = ()
     # False when forward() reads a GPU value on the host (not capturable in a CUDA graph).
     cuda_graph_safe: bool = True
+    # Arguments (dispatch.contract names) this backend needs fully contiguous, beyond the contract's own
+    # stride rules (which let views into an engine's buffers through). attention() refuses a strided one
+    # by name rather than copying it.
+    contiguous_arguments: frozenset[str] = frozenset()
     # With an fp8 query, the format P (the softmax probabilities) is rounded to before the PV dot,
     # or None when P stays in higher precision. Tests and the selftest derive their tolerance from it.
     fp8_query_p_dtype: Optional[str] = None

@@ -10,11 +10,10 @@ compiler (custom ops take tensors and plain values, not pydantic models).
 from __future__ import annotations
 
 import functools
-from typing import Optional
-
 import torch
 import torch.utils._pytree as pytree
 
+from dispatch import contract
 from dispatch.config import AttentionConfig
 
 __all__ = ["attention_op", "config_key"]
@@ -38,33 +37,26 @@ def _config_from_key(key: str) -> AttentionConfig:
     return AttentionConfig.model_validate_json(key)
 
 
-@torch.library.custom_op("dispatch::attention", mutates_args=())
-def attention_op(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_table: torch.Tensor,
-    config_json: str,
-    q_scale: Optional[torch.Tensor] = None,
-    k_scale: Optional[torch.Tensor] = None,
-    v_scale: Optional[torch.Tensor] = None,
-    k_scale_cache: Optional[torch.Tensor] = None,
-    v_scale_cache: Optional[torch.Tensor] = None,
-    alibi_slopes: Optional[torch.Tensor] = None,
-    sinks: Optional[torch.Tensor] = None,
-    output_scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+# The schema is the contract table's (dispatch/contract.py): the positional tensors, the config as JSON,
+# then every keyword tensor but `out` (a functional op returns a new tensor; attention() copies into out).
+_KEYWORDS = tuple(name for name in contract.KEYWORDS if name != "out")
+
+
+def _attention_impl(*args) -> torch.Tensor:
     from dispatch.api import attention
 
-    return attention(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table,
-                     config=_config_from_key(config_json), q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
-                     k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache, alibi_slopes=alibi_slopes,
-                     sinks=sinks, output_scale=output_scale)
+    positional = args[:len(contract.POSITIONAL)]
+    config = _config_from_key(args[len(contract.POSITIONAL)])
+    keywords = dict(zip(_KEYWORDS, args[len(contract.POSITIONAL) + 1:]))
+    return attention(*positional, config=config, **keywords)
+
+
+attention_op = torch.library.custom_op("dispatch::attention", _attention_impl, mutates_args=(),
+                                       schema=contract.custom_op_schema())
 
 
 @attention_op.register_fake
-def _attention_fake(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config_json, *args):
-    config = _config_from_key(config_json)
-    return q.new_empty((q.shape[0], config.num_heads, config.head_size), dtype=config.out_torch_dtype)
+def _attention_fake(*args):
+    q = args[0]
+    config = _config_from_key(args[len(contract.POSITIONAL)])
+    return q.new_empty(contract.output_shape(q.shape, config), dtype=config.out_torch_dtype)

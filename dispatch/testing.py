@@ -44,7 +44,8 @@ import torch
 
 from dispatch.config import FP8_DTYPES, AttentionConfig, KVQuantMode, canonical_dtype_name
 
-__all__ = ["AttentionInputs", "make_inputs", "alibi_slopes_for", "output_as_real", "unit_roundoff", "Q_SCALE",
+__all__ = ["AttentionInputs", "make_inputs", "engine_views", "alibi_slopes_for", "output_as_real", "unit_roundoff",
+           "Q_SCALE",
            "K_SCALE", "V_SCALE", "OUTPUT_SCALE"]
 
 # Unit roundoff (half an ulp at 1.0) of each floating format: the size of one rounding.
@@ -254,3 +255,56 @@ def output_as_real(out: torch.Tensor, config: AttentionConfig, inputs: Attention
     if config.out_is_fp8:
         real = real * float(inputs.kwargs["output_scale"].cpu()[0])
     return real
+
+
+def engine_views(inputs: AttentionInputs, config: AttentionConfig, layout: str = "NHD") -> AttentionInputs:
+    """The same call as `inputs`, laid out the way a serving engine holds it: views, no contiguous tensor.
+
+    - key_cache / value_cache: vLLM's split of one packed cache per layer, logically
+      [num_blocks, num_kv_heads, block_size, 2 * head_size] (K then V in the last dimension), stored
+      "NHD" ([num_blocks, block_size, num_kv_heads, 2 * head_size], vLLM's default) or "HND"
+      (the logical order), and split with ``kv_cache.transpose(1, 2).split(head_size, -1)``;
+    - k_scale_cache / v_scale_cache: ``as_strided`` views into one buffer holding both;
+    - q: the query columns of a fused QKV projection; out: a slice of a wider step buffer;
+    - block_table: the first columns of a wider table (vLLM keeps one [max_requests, max_pages]);
+    - alibi_slopes / sinks: every other element of a longer vector.
+    Every value equals the one in `inputs` (poisoned slots included); `kwargs` gains ``out``.
+    """
+    if layout not in ("NHD", "HND"):
+        raise ValueError(f"layout: expected 'NHD' or 'HND', got {layout!r}")
+    num_blocks, block_size, kv_heads, head_size = inputs.key_cache.shape
+    device = inputs.q.device
+    if layout == "NHD":
+        packed = torch.empty(num_blocks, block_size, kv_heads, 2 * head_size, dtype=inputs.key_cache.dtype,
+                             device=device).permute(0, 2, 1, 3)
+    else:
+        packed = torch.empty(num_blocks, kv_heads, block_size, 2 * head_size, dtype=inputs.key_cache.dtype,
+                             device=device)
+    key_cache, value_cache = packed.transpose(1, 2).split(head_size, -1)
+    key_cache.copy_(inputs.key_cache)
+    value_cache.copy_(inputs.value_cache)
+
+    tokens, heads, _ = inputs.q.shape
+    qkv = torch.empty(tokens, (heads + 2 * kv_heads) * head_size, dtype=inputs.q.dtype, device=device)
+    q = qkv[:, : heads * head_size].view(tokens, heads, head_size)
+    q.copy_(inputs.q)
+    out = torch.empty(tokens, heads + 2, head_size, dtype=config.out_torch_dtype, device=device)[:, 1: heads + 1]
+
+    rows, columns = inputs.block_table.shape
+    wide_table = inputs.block_table[:, -1:].repeat(1, columns + 3)  # padding: the input's own padding page
+    wide_table[:, :columns] = inputs.block_table
+    block_table = wide_table[:, :columns]
+
+    kwargs = dict(inputs.kwargs, out=out)
+    if "k_scale_cache" in kwargs:
+        both = torch.empty(num_blocks * block_size * kv_heads * 2, dtype=torch.float32, device=device)
+        shape, strides = (num_blocks, block_size, kv_heads), (block_size * kv_heads * 2, kv_heads * 2, 2)
+        for offset, name in enumerate(("k_scale_cache", "v_scale_cache")):
+            view = both.as_strided(shape, strides, offset)
+            view.copy_(inputs.kwargs[name])
+            kwargs[name] = view
+    for name in ("alibi_slopes", "sinks"):
+        if name in kwargs:
+            kwargs[name] = kwargs[name].repeat_interleave(2)[::2]
+    return AttentionInputs(q=q, key_cache=key_cache, value_cache=value_cache, cu_seqlens_q=inputs.cu_seqlens_q,
+                           seq_lens=inputs.seq_lens, block_table=block_table, kwargs=kwargs)

@@ -1,12 +1,13 @@
 """dispatch.attention's argument checks: each names the argument, the expected and the received."""
 
 import inspect
+import re
 
 import pytest
 import torch
 
 import dispatch
-from dispatch import AttentionConfig, InputError, UnsupportedConfigError
+from dispatch import AttentionConfig, InputError, UnsupportedConfigError, contract
 from tests.cases import make_inputs
 
 FP8 = AttentionConfig(num_heads=4, num_kv_heads=2, head_size=32, q_dtype="fp8", kv_cache_dtype="fp8",
@@ -89,11 +90,12 @@ def test_fp8_call_errors(fp8_inputs, change, message):
         (lambda i: dict(k_scale_cache=None), "k_scale_cache: required for kv_quant_mode=INT8_PER_TOKEN_HEAD, got None"),
         (lambda i: dict(v_scale_cache=i.kwargs["v_scale_cache"][:, :4]),
          "v_scale_cache: expected shape [{}, 16, 2]"),
-        (lambda i: dict(v_scale_cache=i.kwargs["v_scale_cache"].transpose(0, 1).contiguous().transpose(0, 1)),
-         "v_scale_cache: expected a contiguous tensor"),
         (lambda i: dict(k_scale=torch.ones(1)), "k_scale: must be None for kv_quant_mode=INT8_PER_TOKEN_HEAD"),
         (lambda i: dict(q_scale=torch.ones(1)), "q_scale: must be None for q_dtype=float16 (only an fp8 query"),
-        (lambda i: dict(alibi_slopes=None), "alibi_slopes: expected a torch.float32 tensor"),
+        (lambda i: dict(alibi_slopes=None), "alibi_slopes: required for use_alibi=True, got None"),
+        (lambda i: dict(alibi_slopes=torch.ones(4, dtype=torch.float64)), "alibi_slopes: expected dtype torch.float32"),
+        (lambda i: dict(key_cache=i.key_cache[:0], value_cache=i.value_cache[:0]),
+         "key_cache: expected at least one page (num_blocks >= 1)"),
         (lambda i: dict(alibi_slopes=torch.ones(3)), "alibi_slopes: expected shape [4]"),
     ],
 )
@@ -180,10 +182,70 @@ def test_refusal_from_a_named_backend_reaches_the_caller(plain_inputs):
 def test_signature_matches_the_design_contract():
     params = inspect.signature(dispatch.attention).parameters
     assert list(params)[:6] == ["q", "key_cache", "value_cache", "cu_seqlens_q", "seq_lens", "block_table"]
+    assert tuple(list(params)[:6]) == contract.POSITIONAL
     keyword_only = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    assert keyword_only == ["config", "q_scale", "k_scale", "v_scale", "k_scale_cache", "v_scale_cache",
-                            "alibi_slopes", "sinks", "output_scale", "out", "validate"]
+    assert keyword_only == ["config", *contract.KEYWORDS, "max_query_len", "validate"]
+    assert keyword_only[1:11] == ["q_scale", "k_scale", "v_scale", "k_scale_cache", "v_scale_cache",
+                                  "alibi_slopes", "sinks", "output_scale", "out", "max_query_len"]
     assert all(params[n].default is None for n in keyword_only[1:])
     doc = dispatch.attention.__doc__
     for name in params:
-        assert f"{name}" in doc, f"{name} undocumented"
+        assert f"        {name}: " in doc, f"{name} undocumented"
+    for argument in contract.ARGUMENTS:  # the Args entries come from the contract table
+        assert f"{argument.name}: " in doc and argument.doc[1:] in doc
+
+
+def test_scale_caches_may_be_strided_views(per_token_inputs):
+    """vLLM's per-token-head scale caches are as_strided views: they run on the fast path, unchanged."""
+    expected = call(PER_TOKEN, per_token_inputs)
+    views = {}
+    for name in ("k_scale_cache", "v_scale_cache"):
+        scales = per_token_inputs.kwargs[name]
+        wide = torch.full((*scales.shape, 3), float("nan"))
+        wide[..., 1] = scales
+        views[name] = wide[..., 1]  # strides (.., 3): not contiguous
+        assert not views[name].is_contiguous()
+    spec = dispatch.api._spec_for(PER_TOKEN)
+    values = dict(zip(dispatch.api._NAMES, [*per_token_inputs.args] + [None] * 9))
+    values.update(per_token_inputs.kwargs, **views)
+    assert spec.fast_check(*values.values()) is not None
+    assert torch.equal(call(PER_TOKEN, per_token_inputs, **views), expected)
+
+
+@pytest.mark.parametrize("scale_name,value,message", [
+    ("k_scale", float("inf"), "k_scale: expected a finite, positive scale, got inf"),
+    ("v_scale", float("nan"), "v_scale: expected a finite, positive scale, got nan"),
+    ("q_scale", 0.0, "q_scale: expected a finite, positive scale, got 0.0"),
+    ("k_scale", -0.5, "k_scale: expected a finite, positive scale, got -0.5"),
+])
+def test_debug_mode_refuses_bad_scale_values(fp8_inputs, scale_name, value, message):
+    """Without validate, k_scale=inf gives all-NaN output and output_scale=0 saturates: debug mode names them."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        call(FP8, fp8_inputs, validate=True, **{scale_name: torch.tensor([value])})
+
+
+def test_debug_mode_refuses_an_fp8_output_scale_of_zero():
+    config = PLAIN.model_copy(update={"out_dtype": "float8_e4m3fn"})
+    inputs = make_inputs(config, [1, 3], [5, 20])
+    with pytest.raises(InputError, match="output_scale: expected a finite, positive scale, got 0.0"):
+        call(config, inputs, validate=True, output_scale=torch.zeros(1))
+
+
+def test_debug_mode_refuses_non_finite_scales_in_the_slots_a_call_reads(per_token_inputs):
+    scales = per_token_inputs.kwargs["v_scale_cache"].clone()
+    table, lens = per_token_inputs.block_table, per_token_inputs.seq_lens
+    page = int(table[1, 0])  # the first page of sequence 1 is read
+    scales[page, 3, 1] = float("inf")
+    with pytest.raises(InputError, match=r"v_scale_cache: sequence 1, token 3, KV head 1: expected a finite scale"):
+        call(PER_TOKEN, per_token_inputs, validate=True, v_scale_cache=scales)
+    # The same value in a slot no sequence reads (the unused tail of a last page) is no error.
+    clean = per_token_inputs.kwargs["v_scale_cache"].clone()
+    last_page, used = int(table[0, 0]), int(lens[0])  # sequence 0 reads 5 slots of its only page
+    clean[last_page, used + 1, 0] = float("inf")
+    call(PER_TOKEN, per_token_inputs, validate=True, v_scale_cache=clean)
+
+
+def test_max_query_len_hint_is_checked_in_debug_mode(plain_inputs):
+    with pytest.raises(InputError, match=r"max_query_len: 2 is below the longest query of the call \(3 tokens\)"):
+        call(PLAIN, plain_inputs, validate=True, max_query_len=2)
+    call(PLAIN, plain_inputs, validate=True, max_query_len=3)

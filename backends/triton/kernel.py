@@ -394,6 +394,7 @@ def unified_attention_kernel(
     stride_kscb, stride_kscs, stride_ksch,  #
     stride_vscb, stride_vscs, stride_vsch,  #
     stride_bts,  #
+    stride_alibi, stride_sink,  # per-head vectors may be strided views (an int 1 specializes away)
     stride_ot, stride_oh, stride_od,  #
     stride_pt, stride_ph, stride_ps,  #
     NUM_QUERIES_PER_KV: tl.constexpr,  #
@@ -462,7 +463,7 @@ def unified_attention_kernel(
             q = (q.to(tl.float32) * _pow2(q_exp)).to(tl.float16)
             qk_scale = qk_scale * _pow2(-q_exp)
     if USE_ALIBI:
-        alibi_slope_log2 = tl.load(Alibi_slopes + head) * LOG2E
+        alibi_slope_log2 = tl.load(Alibi_slopes + head * stride_alibi) * LOG2E
     else:
         alibi_slope_log2 = 0.0
 
@@ -501,7 +502,7 @@ def unified_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_SINKS:
         if not SPLIT_KV:  # on the split path the reduction adds the sink, once
-            m_i = tl.load(Sinks + head).to(tl.float32) * LOG2E
+            m_i = tl.load(Sinks + head * stride_sink).to(tl.float32) * LOG2E
             l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_SIZE_PADDED], dtype=tl.float32)
     acc_exp = tl.zeros([BLOCK_M], dtype=tl.int32)  # acc row i is in units of 2^-acc_exp[i] (per-token-head caches)
@@ -559,7 +560,7 @@ def unified_attention_kernel(
 @triton.jit
 def reduce_kv_splits_kernel(
     Partials, Out, Sinks, V_scale, Output_scale,  #
-    num_splits,  #
+    num_splits, stride_sink,  #
     stride_pt, stride_ph, stride_ps,  #
     stride_ot, stride_oh, stride_od,  #
     HEAD_SIZE: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr, NUM_SPLITS_PADDED: tl.constexpr,  #
@@ -584,7 +585,7 @@ def reduce_kv_splits_kernel(
 
     m_max = tl.max(m_split, 0)
     if USE_SINKS:
-        sink_log2 = tl.load(Sinks + head).to(tl.float32) * LOG2E
+        sink_log2 = tl.load(Sinks + head * stride_sink).to(tl.float32) * LOG2E
         m_max = tl.maximum(m_max, sink_log2)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     weight = tl.math.exp2(m_split - m_safe)

@@ -143,8 +143,11 @@ def choose_num_kv_splits(
 
 def _needs_wide_offsets(cache: torch.Tensor) -> bool:
     """Whether an element offset into `cache` can reach 2^31 (the kernel then computes page offsets in
-    int64). Metadata only; a non-contiguous view is assumed to need them."""
-    return cache.numel() >= 2**31 or not cache.is_contiguous()
+    int64). Metadata only: the largest offset is sum((size - 1) * stride), which also covers strided
+    views such as vLLM's K and V halves of one packed cache."""
+    if cache.is_contiguous():
+        return cache.numel() >= 2**31
+    return sum((size - 1) * stride for size, stride in zip(cache.shape, cache.stride())) >= 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -290,6 +293,8 @@ def unified_attention(
         *k_scale_strides,  #
         *v_scale_strides,  #
         block_table.stride(0),  #
+        alibi_slopes.stride(0) if alibi_slopes is not None else 0,  #
+        sinks.stride(0) if sinks is not None else 0,  #
         *out.stride(),  #
         *partial_strides,  #
         SPLIT_KV=split_kv,
@@ -300,7 +305,7 @@ def unified_attention(
     if split_kv:
         kernel.reduce_kv_splits_kernel[(num_tokens, num_heads)](
             partials, out, sinks, v_scale, output_scale,  #
-            num_kv_splits,  #
+            num_kv_splits, sinks.stride(0) if sinks is not None else 0,  #
             *partial_strides,  #
             *out.stride(),  #
             NUM_SPLITS_PADDED=triton.next_power_of_2(num_kv_splits),

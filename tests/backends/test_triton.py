@@ -38,6 +38,7 @@ import pytest
 import torch
 
 from dispatch.capabilities import DeviceInfo, reasons
+from dispatch.cases import case
 from dispatch.config import AttentionConfig, KVQuantMode
 from tests.cases import AttentionInputs, assert_close_to_oracle, make_inputs, output_as_real
 from tests.oracle import reference_attention
@@ -50,12 +51,10 @@ FP16_U = 2.0**-11  # unit roundoff of float16
 E4M3_HALF_ULP = 2.0**-4  # relative rounding error bound of e4m3 (3 mantissa bits)
 E4M3_MIN_SUBNORMAL = 2.0**-9
 
-# Sequences mixing decode (q_len 1), full prefill (q_len == kv_len) and chunked prefill.
-Q_LENS = [1, 15, 17, 4]
-KV_LENS = [16, 15, 40, 70]
-# Lengths around tile and page edges, decode and prefill in one batch.
-EDGE_Q_LENS = [1, 15, 16, 17, 1, 127, 3]
-EDGE_KV_LENS = [1, 15, 16, 129, 128, 127, 129]
+# The case table's "triton" length sets (dispatch/cases.py): sequences mixing decode (q_len 1), full
+# prefill (q_len == kv_len) and chunked prefill; and lengths around tile and page edges in one batch.
+Q_LENS, KV_LENS = list(case("triton-mixed").q_lens), list(case("triton-mixed").kv_lens)
+EDGE_Q_LENS, EDGE_KV_LENS = list(case("triton-edges").q_lens), list(case("triton-edges").kv_lens)
 
 SLIDING_WINDOW = 8
 SOFT_CAP = 2.0
@@ -374,10 +373,11 @@ def test_small_tiles_many_programs(kv_quant_mode, kv_cache_dtype, tiles, causal)
 @pytest.mark.parametrize("kv_quant_mode, kv_cache_dtype", [(KVQuantMode.NONE, "float16"),
                                                             (KVQuantMode.INT8_PER_TOKEN_HEAD, "int8")],
                          ids=["none-fp16", "int8_per_token_head"])
-def test_int32_and_int64_page_offsets_agree(kv_quant_mode, kv_cache_dtype):
-    """The launcher's int32 page offsets (contiguous caches under 2^31 elements) and forced int64 ones
-    give bit-identical outputs; a non-contiguous cache gets int64, and asking for int32 there is
-    refused. (test_triton_gpu.py runs caches past 2^31 elements.)"""
+def test_int32_and_int64_page_offsets_agree(kv_quant_mode, kv_cache_dtype, monkeypatch):
+    """The launcher's int32 page offsets (caches whose largest element offset is under 2^31, strided
+    views included) and forced int64 ones give bit-identical outputs; a cache whose offsets reach 2^31
+    gets int64, and asking for int32 there is refused. (test_triton_gpu.py runs caches past 2^31
+    elements.)"""
     config = make_config(kv_quant_mode=kv_quant_mode, kv_cache_dtype=kv_cache_dtype)
     inputs = make_inputs(config, Q_LENS, KV_LENS)
     narrow = launcher.unified_attention(*inputs.args, config=config, **inputs.kwargs)
@@ -389,10 +389,18 @@ def test_int32_and_int64_page_offsets_agree(kv_quant_mode, kv_cache_dtype):
     padded = torch.zeros(*cache.shape[:3], cache.shape[3] + 1, dtype=cache.dtype)
     padded[..., : cache.shape[3]] = cache
     args = list(inputs.args)
-    args[1] = padded[..., : cache.shape[3]]  # same values, not contiguous
-    assert torch.equal(launcher.unified_attention(*args, config=config, **inputs.kwargs), narrow)
-    with pytest.raises(ValueError, match="wide_offsets"):
-        launcher.unified_attention(*args, config=config, wide_offsets=False, **inputs.kwargs)
+    args[1] = padded[..., : cache.shape[3]]  # same values, not contiguous: offsets still fit int32
+    assert not launcher._needs_wide_offsets(args[1])
+    assert torch.equal(launcher.unified_attention(*args, config=config, wide_offsets=False, **inputs.kwargs), narrow)
+    # Offsets from the strides alone (metadata, no memory): a view reaching 2^31 elements needs int64.
+    far = torch.empty(2, 16, 2, 8, device="meta").as_strided((2, 16, 2, 8), (2**31, 16, 8, 1))
+    assert launcher._needs_wide_offsets(far)
+    assert not launcher._needs_wide_offsets(torch.empty(2, 16, 2, 8, device="meta").as_strided(
+        (2, 16, 2, 8), (2**30, 16, 8, 1)))
+    with monkeypatch.context() as patch:  # a cache that needs int64 refuses a forced int32
+        patch.setattr(launcher, "_needs_wide_offsets", lambda t: True)
+        with pytest.raises(ValueError, match="wide_offsets"):
+            launcher.unified_attention(*args, config=config, wide_offsets=False, **inputs.kwargs)
 
 
 @pytest.mark.parametrize(
