@@ -21,7 +21,8 @@ from dispatch import registry
 from dispatch.capabilities import Capability, DeviceInfo, missing_modules, reasons, resolve_device
 from dispatch.config import AttentionConfig
 from dispatch.errors import UnsupportedConfigError
-from dispatch.overrides import Override, current_override
+from dispatch.overrides import Override, check_backend_name, current_override
+from dispatch.speed import WORKLOADS, SpeedRule, rule_for
 
 __all__ = ["Plan", "BackendReport", "Explanation", "select", "explain", "clear_cache"]
 
@@ -51,14 +52,20 @@ class Explanation:
     order: tuple[str, ...]  # what auto walks
     backends: tuple[BackendReport, ...]
     chosen: Optional[str]
+    workload: Optional[str] = None  # "decode" | "prefill" when the caller gave max_query_len
+    speed_rule: Optional[SpeedRule] = None  # the measured rule that ordered auto's walk, if any
 
     def __str__(self) -> str:
         lines = [
             f"config:  {self.config.summary()}",
             f"device:  {self.device}",
             f"backend: {self.requested}" + (f" (order: {', '.join(self.order)})" if self.requested == "auto" else ""),
-            "",
         ]
+        if self.workload is not None:
+            lines.append(f"workload: {self.workload}; speed rule: {self.speed_rule}" if self.speed_rule
+                         else f"workload: {self.workload}; no measured speed rule for this device and config "
+                              "(auto walks the default order)")
+        lines.append("")
         width = max([len(b.name) for b in self.backends] + [7])
         lines.append(f"   {'backend':<{width}}  {'available':<9}  {'supported':<9}  reasons")
         for b in self.backends:
@@ -85,6 +92,8 @@ class Explanation:
             "requested": self.requested,
             "order": list(self.order),
             "chosen": self.chosen,
+            "workload": self.workload,
+            "speed_rule": str(self.speed_rule) if self.speed_rule else None,
             "backends": [
                 {"name": b.name, "available": b.available, "supported": b.supported, "reasons": list(b.reasons),
                  "description": b.description}
@@ -103,6 +112,8 @@ class Plan:
     capability: Capability
     backend_forward: Callable
     skipped: tuple[tuple[str, tuple[str, ...]], ...] = ()  # backends auto passed over, with reasons
+    workload: Optional[str] = None
+    speed_rule: Optional[SpeedRule] = None  # the rule that ordered auto's walk, if any
 
     def forward(self, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, **kwargs):
         """Run the backend with `attention()`'s keywords (minus config); no argument checks."""
@@ -121,19 +132,36 @@ def _report(name: str, config: AttentionConfig, device: DeviceInfo) -> BackendRe
                          description=entry.capability.description)
 
 
-def _effective(config: AttentionConfig, override: Override) -> tuple[str, tuple[str, ...]]:
-    """(backend requested, order auto walks) once a `dispatch.use()` scope is applied.
+def _effective(config: AttentionConfig, override: Override, device: DeviceInfo,
+               workload: Optional[str]) -> tuple[str, tuple[str, ...], Optional[SpeedRule]]:
+    """(backend requested, order auto walks, the speed rule behind that order) once a `dispatch.use()`
+    scope and the workload are applied.
 
-    A config that names a backend keeps it; `use(backend=...)` steers only "auto".
+    A config that names a backend keeps it; `use(backend=...)` steers only "auto". A `use(order=...)`
+    scope wins over the speed rules (the caller said which order); otherwise a measured rule for
+    (device, config, workload) puts its backends first (`dispatch.speed`).
     Unknown names raise UnsupportedConfigError listing the valid ones.
     """
+    if workload is not None and workload not in WORKLOADS:
+        raise ValueError(f"workload: expected one of {list(WORKLOADS)} or None, got {workload!r}")
     requested = config.backend if config.backend != "auto" else (override.backend or "auto")
-    order = override.order if override.order is not None else registry.default_order()
+    rule = None
+    if override.order is not None:
+        order = tuple(override.order)
+    else:
+        order = registry.default_order()
+        rule = rule_for(config, device, workload) if requested == "auto" else None
+        if rule is not None:
+            names = registry.backend_names()
+            first = tuple(name for name in rule.order if name in names)
+            order = first + tuple(name for name in order if name not in first)
+    if config.backend == "auto" and override.backend is not None:  # names DISPATCH_BACKEND or use()
+        check_backend_name(override.backend, override.backend_source)
     names = registry.backend_names()
     for name in (requested, *order):
         if name != "auto" and name not in names:
             raise UnsupportedConfigError(registry.unknown_backend_message(name))
-    return requested, tuple(order)
+    return requested, tuple(order), rule
 
 
 def _walk(requested: str, order: Sequence[str],
@@ -152,14 +180,15 @@ def _walk(requested: str, order: Sequence[str],
     return None, skipped
 
 
-def explain(config: AttentionConfig, device: DeviceLike = None) -> Explanation:
-    """Every registered backend, supported or not, with all its reasons."""
+def explain(config: AttentionConfig, device: DeviceLike = None, workload: Optional[str] = None) -> Explanation:
+    """Every registered backend, supported or not, with all its reasons; with a `workload` ("decode" or
+    "prefill", what attention()'s max_query_len hint gives), also the speed rule that orders auto."""
     info = resolve_device(device)
-    requested, order = _effective(config, current_override())
+    requested, order, rule = _effective(config, current_override(), info, workload)
     reports = tuple(_report(name, config, info) for name in registry.backend_names())
     by_name = {r.name: r for r in reports}
     chosen, _ = _walk(requested, order, by_name.__getitem__)
-    return Explanation(config, info, requested, order, reports, chosen.name if chosen else None)
+    return Explanation(config, info, requested, order, reports, chosen.name if chosen else None, workload, rule)
 
 
 def format_refusal(headline: str, config: AttentionConfig, device: DeviceInfo, refused: Sequence[BackendReport]) -> str:
@@ -171,7 +200,7 @@ def format_refusal(headline: str, config: AttentionConfig, device: DeviceInfo, r
     return "\n".join(lines)
 
 
-_cache: dict[tuple[AttentionConfig, DeviceInfo, Override], Plan] = {}
+_cache: dict[tuple[AttentionConfig, DeviceInfo, Override, Optional[str]], Plan] = {}
 _cache_lock = threading.Lock()
 
 
@@ -183,9 +212,9 @@ def clear_cache() -> None:
 registry.on_change(clear_cache)
 
 
-def _decide(config: AttentionConfig, device: DeviceInfo, override: Override) -> Plan:
+def _decide(config: AttentionConfig, device: DeviceInfo, override: Override, workload: Optional[str]) -> Plan:
     """The decision itself: pure, no logging, no caching."""
-    requested, order = _effective(config, override)
+    requested, order, rule = _effective(config, override, device, workload)
     chosen, refused = _walk(requested, order, lambda name: _report(name, config, device))
     if chosen is None:
         headline = (f"Backend {requested!r} cannot run this config (no fallback for a named backend):"
@@ -194,23 +223,24 @@ def _decide(config: AttentionConfig, device: DeviceInfo, override: Override) -> 
                                      {r.name: list(r.reasons) for r in refused})
     entry = registry.get_backend(chosen.name)
     return Plan(entry.name, config, device, entry.capability, entry.forward,
-                tuple((r.name, r.reasons) for r in refused))
+                tuple((r.name, r.reasons) for r in refused), workload, rule)
 
 
-def select(config: AttentionConfig, device: DeviceLike = None) -> Plan:
+def select(config: AttentionConfig, device: DeviceLike = None, workload: Optional[str] = None) -> Plan:
     """The backend `config.backend` names (or `auto` picks) for `device`, as a runnable Plan.
 
     Inside `with dispatch.use(backend=..., order=[...])`, an "auto" config runs the scoped
-    backend, and auto walks the scoped order. Raises UnsupportedConfigError with every
-    reason when no backend fits.
+    backend, and auto walks the scoped order. With a `workload` ("decode" or "prefill"), auto
+    first tries the backends a measured speed rule ranks fastest (`dispatch.speed`). Raises
+    UnsupportedConfigError with every reason when no backend fits.
     """
     info = resolve_device(device)
     override = current_override()
-    key = (config, info, override)
+    key = (config, info, override, workload)
     plan = _cache.get(key)
     if plan is not None:
         return plan
-    plan = _decide(config, info, override)
+    plan = _decide(config, info, override, workload)
     with _cache_lock:
         first = key not in _cache
         plan = _cache.setdefault(key, plan)
@@ -220,9 +250,11 @@ def select(config: AttentionConfig, device: DeviceLike = None) -> Plan:
 
 
 def _log_choice(plan: Plan) -> None:
+    workload = f" ({plan.workload}; speed rule: {plan.speed_rule})" if plan.speed_rule else ""
     if plan.skipped:
         why = "; ".join(f"{name}: {', '.join(rs)}" for name, rs in plan.skipped)
-        logger.info("attention backend %r chosen for [%s] on %s; skipped %s", plan.name,
-                    plan.config.summary(), plan.device, why)
+        logger.info("attention backend %r chosen for [%s] on %s%s; skipped %s", plan.name,
+                    plan.config.summary(), plan.device, workload, why)
     else:
-        logger.info("attention backend %r chosen for [%s] on %s", plan.name, plan.config.summary(), plan.device)
+        logger.info("attention backend %r chosen for [%s] on %s%s", plan.name, plan.config.summary(), plan.device,
+                    workload)
