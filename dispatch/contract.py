@@ -304,7 +304,7 @@ def compile_fast_check(config: AttentionConfig, contiguous: frozenset[str] = fro
     arguments that must be fully contiguous (a backend's ``contiguous_arguments``).
     """
     lines: list[str] = []
-    env: dict[str, Any] = {"_span": _span}
+    env: dict[str, Any] = {"_overlap": _overlap}
     emit = lines.append
     emit("device = q.device")
     bound: set[str] = set()
@@ -354,15 +354,16 @@ def compile_fast_check(config: AttentionConfig, contiguous: frozenset[str] = fro
             emit(f"{indent}{bind}")
         emit(f"{indent}if {' or '.join(conditions)}: return None")
         if argument.no_overlap:
-            # Byte spans, exact at the boundaries: from the bound sizes when contiguous (no call but
-            # data_ptr), else from the strides (_span).
-            emit(f"{indent}o0 = {name}.data_ptr()")
-            emit(f"{indent}o1 = o0 + {_nbytes_expr(argument, config)} if {name}.is_contiguous() else _span({name})[1]")
+            # Distinct allocations cannot overlap: compare the storages' byte ranges (a few cheap calls,
+            # whatever the strides); only tensors in one allocation pay for the exact span test.
+            emit(f"{indent}_so = {name}.untyped_storage()")
+            emit(f"{indent}_so0 = _so.data_ptr()")
+            emit(f"{indent}_so1 = _so0 + _so.nbytes()")
             for other in argument.no_overlap:
-                emit(f"{indent}a0 = {other}.data_ptr()")
-                emit(f"{indent}a1 = a0 + {_nbytes_expr(by_name(other), config)} if {other}.is_contiguous() "
-                     f"else _span({other})[1]")
-                emit(f"{indent}if o0 < a1 and a0 < o1: return None")
+                emit(f"{indent}_sa = {other}.untyped_storage()")
+                emit(f"{indent}_sa0 = _sa.data_ptr()")
+                emit(f"{indent}if not (_sa0 + _sa.nbytes() <= _so0 or _so1 <= _sa0) and _overlap({name}, {other}): "
+                     "return None")
     emit("return device")
     params = ", ".join(a.name for a in ARGUMENTS)
     body = "\n".join("        " + line for line in lines)
@@ -374,19 +375,6 @@ def compile_fast_check(config: AttentionConfig, contiguous: frozenset[str] = fro
     function = env["fast_check"]
     function.source = source  # for debugging and tests
     return function
-
-
-def _nbytes_expr(argument: Argument, config: AttentionConfig) -> str:
-    """Python source for the byte size of a contiguous `argument`, in the generated predicate's names."""
-    fixed = expected_dtype(argument, config).itemsize
-    symbols = []
-    for template in argument.shape:
-        symbol, offset = _split_dim(template)
-        if symbol in CONFIG_DIMS:
-            fixed *= _config_size(config, symbol) + offset
-        else:
-            symbols.append(f"({symbol} + {offset})" if offset else symbol)
-    return " * ".join(symbols + [str(fixed)])
 
 
 # ---- documentation and schema, from the same rows --------------------------------------------------------------
