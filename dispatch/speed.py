@@ -39,8 +39,11 @@ def workload_of(max_query_len: int) -> str:
 
 
 def gpu_family(device: DeviceInfo) -> Optional[str]:
-    """'sm90' for a compute capability 9.0 device; None off CUDA."""
-    if device.type != "cuda" or device.compute_capability is None:
+    """'sm90' for a compute capability 9.0 device, the device type off CUDA ('cpu'), None when CUDA is
+    asked for but absent."""
+    if device.type != "cuda":
+        return device.type
+    if device.compute_capability is None:
         return None
     major, minor = device.compute_capability
     return f"sm{major}{minor}"
