@@ -30,3 +30,12 @@ def test_quick_start_has_two_commands_and_ci_runs_them_exactly():
         assert command in ci, f"CI does not run the README command {command!r}"
     # torch is pinned before anything could resolve an unpinned CUDA build.
     assert all("torch==2.13.0" in c for c in commands)
+
+
+def test_readme_contract_table_is_generated_from_the_contract():
+    from dispatch.contract import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- contract-table:begin", "<!-- contract-table:end -->"
+    table = readme.split(begin, 1)[1].split("-->", 1)[1].split(end, 1)[0].strip()
+    assert table == markdown_table(), "README contract table is stale: regenerate from dispatch.contract.markdown_table()"
