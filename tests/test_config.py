@@ -21,7 +21,7 @@ BASE = dict(num_heads=8, num_kv_heads=2, head_size=64)
 
 
 def expected_valid(q: str, cache: str, mode: KVQuantMode) -> bool:
-    """DESIGN.md's dtype rules, restated independently of dispatch.config."""
+    """docs/DESIGN.md's dtype rules, restated independently of dispatch.config."""
     if q in FP8_DTYPES:
         return mode is KVQuantMode.FP8_PER_TENSOR and cache == q
     if mode is KVQuantMode.NONE:

@@ -23,7 +23,7 @@ and zeros keep that read finite, where the cache's own unused slots may hold any
 
 Numerics: one rounding
 ----------------------
-real = stored * scale (DESIGN.md) is rounded once to the 16-bit dtype, as if computed
+real = stored * scale (docs/DESIGN.md) is rounded once to the 16-bit dtype, as if computed
 exactly. A plain fp32 product rounded again to 16 bits would round twice, and differ
 from the exact rounding by one 16-bit ulp whenever the fp32 product lands exactly on a
 16-bit tie (about one element in 2^12). So the product is rounded to odd in fp32 first:

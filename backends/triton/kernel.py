@@ -1,6 +1,6 @@
 """Unified paged attention in Triton: prefill, chunked prefill and decode in one launch.
 
-Layouts (DESIGN.md): q [num_tokens, H, D]; key/value caches
+Layouts (docs/DESIGN.md): q [num_tokens, H, D]; key/value caches
 [num_blocks, block_size, H_kv, D]; cu_seqlens_q int32 [S + 1]; seq_lens int32
 [S] (KV length, new tokens included); block_table int32 [S, max_blocks].
 
