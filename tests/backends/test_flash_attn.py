@@ -6,11 +6,14 @@ version's record is checked against the rules its module docstring cites, with
 the reason wording pinned.
 
 GPU (marked gpu; FA4 tests also need flash_attn.cute): FlashAttention 4 through
-`dispatch.attention` against a float64 reference and against the sdpa and
+`dispatch.attention`, on the case table's "gpu flash_attn" cases
+(dispatch/cases.py), against a float64 reference and against the sdpa and
 triton backends, with flash-attn's own accuracy rule: its error against the
 float64 reference is at most 2x (3x with softcap) the error of a same-precision
-PyTorch implementation, plus an atol of two roundings of the output. FA3 and
-FA2 tests run only where those packages import.
+PyTorch implementation, plus an atol of two roundings of the output. Both
+references are tests/parity/same_precision.py's (float64_attention, which
+tests/test_testing_helpers.py ties to the oracle, and same_precision_attention).
+FA3 and FA2 tests run only where those packages import.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import dispatch
 from backends.flash_attn import Installation, choose, common, fa2, fa3, fa4
 from dispatch import AttentionConfig, UnsupportedConfigError
 from dispatch.capabilities import Capability, DeviceInfo, missing_modules, reasons
+from dispatch.cases import case as named_case
+from dispatch.cases import cases
 from tests.cases import make_inputs, unit_roundoff
-from tests.oracle import reference_attention as naive_oracle
+from tests.parity.same_precision import float64_attention, same_precision_attention
 
 H100 = DeviceInfo(type="cuda", index=0, name="H100", compute_capability=(9, 0))
 B200 = DeviceInfo(type="cuda", index=0, name="B200", compute_capability=(10, 0))
@@ -303,7 +308,7 @@ def test_fa2_pages_of_256_and_causal_alibi():
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 9), (4, 9), (9, 9)])
 def test_window_mapping_reproduces_the_design_rule(window, causal, q_len, kv_len):
     """flash-attn keeps key j for query i when pos - left <= j <= pos + right, pos = i + kv_len - q_len,
-    with right = 0 under causal and unlimited otherwise; DESIGN.md keeps j when pos - j < W (and j <= pos if causal)."""
+    with right = 0 under causal and unlimited otherwise; docs/DESIGN.md keeps j when pos - j < W (and j <= pos if causal)."""
     config = cfg(sliding_window=window, causal=causal)
     left = common.window_size_left(config)
     pos = torch.arange(kv_len - q_len, kv_len)[:, None]
@@ -323,73 +328,6 @@ def test_can_write_into_needs_contiguous_aligned_memory():
 
 
 # ------------------------------------------------------------------------------------------------
-# References for the GPU tests
-# ------------------------------------------------------------------------------------------------
-
-
-def reference(inputs, config: AttentionConfig, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """DESIGN.md's attention, vectorized over heads, computed in `dtype` on the inputs' device.
-
-    In float64 it is the judge; in q's dtype it is the "same-precision PyTorch" yardstick of
-    flash-attn's tests (scores, softmax and PV each rounded to the dtype). Per-tensor scales
-    (FP8_PER_TENSOR) and ALiBi are applied; per-token-head scales are not (no FlashAttention
-    version accepts them). Returns float64.
-    """
-    kw = inputs.kwargs
-
-    def real(stored, scale_name):
-        values = stored.to(torch.float64)
-        if scale_name in kw:
-            values = values * kw[scale_name].double().reshape(())
-        return values.to(dtype)
-
-    q = real(inputs.q, "q_scale")
-    key_cache, value_cache = real(inputs.key_cache, "k_scale"), real(inputs.value_cache, "v_scale")
-    starts = inputs.cu_seqlens_q.tolist()
-    kv_lens = inputs.seq_lens.tolist()
-    group = config.num_queries_per_kv
-    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
-    sinks = kw["sinks"].to(dtype) if config.use_sinks else None
-    slopes = kw["alibi_slopes"].to(dtype) if config.use_alibi else None
-    for seq, kv_len in enumerate(kv_lens):
-        q_start, q_end = starts[seq], starts[seq + 1]
-        q_len = q_end - q_start
-        pages = inputs.block_table[seq, : -(-kv_len // config.block_size)].long()
-        keys = key_cache[pages].flatten(0, 1)[:kv_len].repeat_interleave(group, dim=1)
-        values = value_cache[pages].flatten(0, 1)[:kv_len].repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end] * config.scale, keys)
-        if config.logits_soft_cap is not None:
-            scores = config.logits_soft_cap * torch.tanh(scores / config.logits_soft_cap)
-        pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
-        key = torch.arange(kv_len, device=q.device)[None, :]
-        if slopes is not None:
-            scores = scores + slopes[:, None, None] * (key - pos).to(dtype)
-        visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device)
-        if config.causal:
-            visible &= key <= pos
-        if config.sliding_window is not None:
-            visible &= pos - key < config.sliding_window
-        scores = scores.masked_fill(~visible, float("-inf"))
-        if sinks is not None:
-            scores = torch.cat([scores, sinks[:, None, None].expand(-1, q_len, 1)], dim=-1)
-        probs = torch.softmax(scores, dim=-1)[..., :kv_len].to(dtype)
-        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, values).double()
-    return out
-
-
-@pytest.mark.parametrize("fields", [
-    dict(sliding_window=5, logits_soft_cap=3.0, use_sinks=True, causal=False),
-    dict(use_alibi=True, sliding_window=4),
-    dict(q_dtype="float8_e4m3fn", kv_cache_dtype="float8_e4m3fn", kv_quant_mode="FP8_PER_TENSOR"),
-], ids=["window-softcap-sinks", "alibi", "fp8"])
-def test_the_vectorized_reference_matches_the_naive_oracle(fields):
-    config = cfg(num_heads=4, head_size=16, **fields)
-    inputs = make_inputs(config, [1, 3, 6], [1, 9, 6], poison=False)
-    expected = naive_oracle(*inputs.args, **inputs.oracle_kwargs(config))
-    assert torch.allclose(reference(inputs, config), expected, rtol=0, atol=1e-12)
-
-
-# ------------------------------------------------------------------------------------------------
 # FlashAttention 4 on a GPU
 # ------------------------------------------------------------------------------------------------
 
@@ -406,33 +344,15 @@ def _fa4_unavailable() -> str:
 FA4_SKIP = _fa4_unavailable()
 fa4_only = pytest.mark.skipif(bool(FA4_SKIP), reason=FA4_SKIP or "-")
 
-# Decode (q_len 1), whole prompts (q_len == kv_len) and chunked prefill (q_len < kv_len), with KV
-# lengths around the page edges (16, 64) and the 128-key tile, and one sequence of two query tiles.
-Q_LENS = [1, 1, 16, 5, 127, 1, 40, 150]
-KV_LENS = [1, 15, 16, 17, 127, 128, 129, 300]
-
-GPU_CASES = {
-    # id: (config fields, (num_heads, num_kv_heads))
-    "bf16-h128-bs16-causal": (dict(), (8, 2)),
-    "fp16-h128-bs16-causal": (dict(q_dtype="float16", kv_cache_dtype="float16"), (8, 2)),
-    "bf16-h128-bs64-noncausal": (dict(block_size=64, causal=False), (8, 2)),
-    "bf16-h128-bs16-window": (dict(sliding_window=20), (8, 2)),
-    "fp16-h128-bs64-window-noncausal": (dict(q_dtype="float16", kv_cache_dtype="float16", block_size=64,
-                                             sliding_window=33, causal=False), (8, 2)),
-    "bf16-h128-bs16-softcap": (dict(logits_soft_cap=4.0), (8, 2)),
-    "bf16-h128-bs16-sinks": (dict(use_sinks=True), (8, 2)),
-    "fp16-h64-bs64-window-softcap-sinks": (dict(q_dtype="float16", kv_cache_dtype="float16", head_size=64,
-                                                block_size=64, sliding_window=50, logits_soft_cap=8.0,
-                                                use_sinks=True), (8, 2)),
-    "bf16-h192-bs128-causal": (dict(head_size=192, block_size=128), (8, 2)),
-    "bf16-h128-bs16-mqa": (dict(), (8, 1)),
-    "fp16-h128-bs16-mha-scale0.3": (dict(q_dtype="float16", kv_cache_dtype="float16", softmax_scale=0.3), (4, 4)),
-}
+# The FlashAttention 4 cases of the shared table, by name; they share one batch: decode, whole prompts and
+# chunked prefill, KV lengths around the page edges (16, 64) and the 128-key tile, a sequence of two query tiles.
+GPU_CASES = [c.name for c in cases("gpu", "flash_attn")]
+Q_LENS = list(named_case(GPU_CASES[0]).q_lens)
+KV_LENS = list(named_case(GPU_CASES[0]).kv_lens)
 
 
 def gpu_config(case: str, **changes) -> AttentionConfig:
-    fields, (heads, kv_heads) = GPU_CASES[case]
-    return cfg(**dict(dict(num_heads=heads, num_kv_heads=kv_heads, backend="flash_attn"), **fields, **changes))
+    return named_case(case).config(backend="flash_attn", **changes)
 
 
 @dataclass
@@ -475,9 +395,9 @@ def run_fa4(config: AttentionConfig, q_lens=tuple(Q_LENS), kv_lens=tuple(KV_LENS
         inputs = make_inputs(config, list(q_lens), list(kv_lens), device="cuda", seed=seed)
         out = dispatch.attention(*inputs.args, config=config, **inputs.kwargs)
         assert out.dtype == config.q_torch_dtype and out.shape == inputs.q.shape
-        judge = reference(inputs, config)
+        judge = float64_attention(inputs, config)
         errors = {"flash_attn": (out.double() - judge).abs().max().item(),
-                  "pytorch": (reference(inputs, config, config.q_torch_dtype) - judge).abs().max().item()}
+                  "pytorch": (same_precision_attention(inputs, config) - judge).abs().max().item()}
         others = {}
         for name in ("sdpa", "triton"):
             other_config = config.model_copy(update={"backend": name})
@@ -581,9 +501,9 @@ def test_fa4_tma_pages_read_the_tail_of_the_last_page():
         "FA4 with TMA-loaded pages no longer reads the tail of the last page: the block_size rule can be relaxed")
     clean = make_inputs(config, Q_LENS, KV_LENS, device="cuda", poison=False)
     out = fa4.forward(*clean.args, config=config, **clean.kwargs).double()
-    judge = reference(clean, config)
+    judge = float64_attention(clean, config)
     errors = {"flash_attn": (out - judge).abs().max().item(),
-              "pytorch": (reference(clean, config, config.q_torch_dtype) - judge).abs().max().item()}
+              "pytorch": (same_precision_attention(clean, config) - judge).abs().max().item()}
     assert_within_flash_attn_rule(Outcome(config, out, judge, {}, errors))
 
 
@@ -658,11 +578,11 @@ def test_older_versions_where_installed(version, fields):
         out = dispatch.attention(*inputs.args, config=config, **inputs.kwargs).double()
     finally:
         dispatch.unregister_backend(name)
-    judge = reference(inputs, config)
+    judge = float64_attention(inputs, config)
     if config.q_is_fp8:
         # FA3 rounds P to e4m3 before the PV product: allow a few e4m3 roundings of the output.
         assert (out - judge).abs().max().item() <= 4 * unit_roundoff(torch.float8_e4m3fn) * judge.abs().max().item()
         return
     errors = {"flash_attn": (out - judge).abs().max().item(),
-              "pytorch": (reference(inputs, config, config.q_torch_dtype) - judge).abs().max().item()}
+              "pytorch": (same_precision_attention(inputs, config) - judge).abs().max().item()}
     assert_within_flash_attn_rule(Outcome(config, out, judge, {}, errors))

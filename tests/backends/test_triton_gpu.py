@@ -5,10 +5,13 @@ that mix decode, chunked prefill and full prefill, bf16 and fp16, every KV
 quantization mode and feature, the split-KV path (by the heuristic and
 forced), offsets past 2^31 elements, and CUDA-graph capture.
 
-The reference is `reference_attention_gpu` below: the oracle's semantics
-(DESIGN.md) vectorized in float64 on the GPU, because the float64 loops of
-tests/oracle.py would take hours at these sizes. It shares no code with the
-kernel; `test_gpu_reference_agrees_with_oracle` ties it to tests/oracle.py.
+The reference is `reference_attention_gpu` below: the float64 softmax weights
+of tests/parity/same_precision.py (`float64_weights`, the oracle's semantics
+vectorized on the GPU, because the float64 loops of the oracle would take hours
+at these sizes; tests/test_testing_helpers.py ties it to the oracle, and
+`test_gpu_reference_agrees_with_oracle` does again on the GPU), plus the
+per-element error bounds below, computed from those weights. It shares no code
+with the kernel. The batches are the case table's "gpu triton" cases.
 
 Tolerances are bounds derived per element from the reference's own softmax
 weights p (normalized, the sink included), not fitted to observed errors:
@@ -33,25 +36,27 @@ weights p (normalized, the sink included), not fitted to observed errors:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from dispatch.capabilities import reasons, resolve_device
+from dispatch.cases import case
 from dispatch.config import AttentionConfig, KVQuantMode
 from tests.cases import AttentionInputs, make_inputs, output_as_real, unit_roundoff
 from tests.oracle import reference_attention
+from tests.parity.same_precision import float64_weights
 
 import backends.triton as triton_backend
 
 pytestmark = pytest.mark.gpu
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE = 32, 8, 128
-# Decode (1 token against 8k, 2k, 1), full prefill (300/300) and chunked prefill (1024 new of 1500).
-MIXED = ([1, 1, 300, 1, 1024, 16], [8000, 1, 300, 2048, 1500, 4000])
-DECODE = ([1] * 8, [8000, 1, 17, 129, 2048, 4000, 777, 5000])
+# (q_lens, kv_lens): decode (1 token against 8k, 2k, 1), full prefill (300/300) and chunked prefill (1024 new
+# of 1500); and eight decode sequences of 1 to 8000 keys.
+MIXED = (list(case("gpu-mixed-8k").q_lens), list(case("gpu-mixed-8k").kv_lens))
+DECODE = (list(case("gpu-decode-8k").q_lens), list(case("gpu-decode-8k").kv_lens))
 
 SLIDING_WINDOW = 1000
 SOFT_CAP = 10.0
@@ -110,68 +115,23 @@ class Reference:
     fp8_qk: torch.Tensor
 
 
-def _gather(cache: torch.Tensor, pages: torch.Tensor, kv_len: int) -> torch.Tensor:
-    return cache[pages].flatten(0, 1)[:kv_len]
-
-
 def reference_attention_gpu(config: AttentionConfig, inputs: AttentionInputs, rows_per_chunk: int = 256) -> Reference:
-    kw = inputs.kwargs
-    f64 = torch.float64
-    device = inputs.q.device
-    num_tokens, num_heads, head_size = inputs.q.shape
-    group = config.num_queries_per_kv
-    block_size = config.block_size
-    cu = inputs.cu_seqlens_q.tolist()
-    lens = inputs.seq_lens.tolist()
-    fields = {name: torch.zeros(num_tokens, num_heads, head_size, dtype=f64, device=device)
+    """The exact output and the bound terms of the module docstring, float64 on the inputs' device."""
+    fields = {name: torch.zeros(inputs.q.shape, dtype=torch.float64, device=inputs.q.device)
               for name in ("out", "rms_v", "small_fp16", "fp8_qk")}
-    q_all = inputs.q.to(f64) * (float(kw["q_scale"][0]) if "q_scale" in kw else 1.0)
-    for seq, kv_len in enumerate(lens):
-        q_start, q_len = cu[seq], cu[seq + 1] - cu[seq]
-        if q_len == 0:
-            continue
-        pages = inputs.block_table[seq, : math.ceil(kv_len / block_size)].long()
-        keys = _gather(inputs.key_cache, pages, kv_len).to(f64)  # [kv_len, H_kv, D]
-        values = _gather(inputs.value_cache, pages, kv_len).to(f64)
-        if "k_scale" in kw:
-            keys, values = keys * float(kw["k_scale"][0]), values * float(kw["v_scale"][0])
-        if "k_scale_cache" in kw:
-            keys = keys * _gather(kw["k_scale_cache"], pages, kv_len).to(f64)[..., None]
-            values = values * _gather(kw["v_scale_cache"], pages, kv_len).to(f64)[..., None]
-        keys = keys.repeat_interleave(group, dim=1)  # [kv_len, H, D]
-        values = values.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, kv_len, D]
-        j = torch.arange(kv_len, device=device)
-        for r0 in range(0, q_len, rows_per_chunk):
-            r1 = min(q_len, r0 + rows_per_chunk)
-            q = q_all[q_start + r0 : q_start + r1]  # [c, H, D]
-            pos = kv_len - q_len + torch.arange(r0, r1, device=device)
-            s = torch.einsum("chd,khd->hck", q, keys) * config.scale
-            if config.logits_soft_cap is not None:
-                s = config.logits_soft_cap * torch.tanh(s / config.logits_soft_cap)
-            if config.use_alibi:
-                s = s + kw["alibi_slopes"].to(f64)[:, None, None] * (j[None, :] - pos[:, None])[None]
-            visible = torch.ones(len(pos), kv_len, dtype=torch.bool, device=device)
-            if config.causal:
-                visible &= j[None, :] <= pos[:, None]
-            if config.sliding_window is not None:
-                visible &= (pos[:, None] - j[None, :]) < config.sliding_window
-            s = s.masked_fill(~visible[None], float("-inf"))
-            if config.use_sinks:
-                sink = kw["sinks"].to(f64)[:, None, None].expand(-1, len(pos), 1)
-                p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)
-            else:
-                p = torch.softmax(s, dim=-1)
-            p_top = p.amax(-1, keepdim=True)
-            p = p[..., :kv_len]  # [H, c, kv_len]
-            o = p @ values  # [H, c, D]
-            rows = slice(q_start + r0, q_start + r1)
-            fields["out"][rows] = o.transpose(0, 1)
-            fields["rms_v"][rows] = (p @ values.square()).sqrt().transpose(0, 1)
-            c = torch.minimum(FP16_P_SUBNORMAL_ERROR * p_top, p)
-            fields["small_fp16"][rows] = (c @ values.abs() + c.sum(-1, keepdim=True) * o.abs()).transpose(0, 1)
-            score_error = FP8_MMA_ACCUMULATION_ERROR * config.scale * torch.einsum("chd,khd->hck", q.abs(), keys.abs())
-            c = p * score_error
-            fields["fp8_qk"][rows] = (c @ values.abs() + c.sum(-1, keepdim=True) * o.abs()).transpose(0, 1)
+    for w in float64_weights(inputs, config, rows_per_chunk):
+        p, values = w.probs, w.values  # [H, c, kv_len], [H, kv_len, D]
+        p_top = p.amax(-1, keepdim=True)  # the largest weight of the row, key or sink
+        if w.sink_probs is not None:
+            p_top = torch.maximum(p_top, w.sink_probs)
+        o = p @ values  # [H, c, D]
+        fields["out"][w.rows] = o.transpose(0, 1)
+        fields["rms_v"][w.rows] = (p @ values.square()).sqrt().transpose(0, 1)
+        c = torch.minimum(FP16_P_SUBNORMAL_ERROR * p_top, p)
+        fields["small_fp16"][w.rows] = (c @ values.abs() + c.sum(-1, keepdim=True) * o.abs()).transpose(0, 1)
+        score_error = FP8_MMA_ACCUMULATION_ERROR * config.scale * torch.einsum("chd,khd->hck", w.q.abs(), w.keys.abs())
+        c = p * score_error
+        fields["fp8_qk"][w.rows] = (c @ values.abs() + c.sum(-1, keepdim=True) * o.abs()).transpose(0, 1)
     return Reference(**fields)
 
 
