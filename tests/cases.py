@@ -1,7 +1,9 @@
 """Test-side helpers: tolerances derived from the arithmetic, and one comparison that reports the worst element.
 
-The input builder lives in dispatch.testing (the selftest uses it too); it is
-re-exported here so tests and benchmarks import their cases from one place.
+Tests take their named cases from dispatch/cases.py (the one case table, in
+the package because the installed selftest reads it too) and their inputs from
+dispatch.testing.make_inputs, re-exported here with its constants; the judge is
+tests/oracle.py (the float64 oracle, dispatch/reference.py).
 """
 
 from __future__ import annotations
