@@ -308,7 +308,8 @@ def test_fa2_pages_of_256_and_causal_alibi():
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 9), (4, 9), (9, 9)])
 def test_window_mapping_reproduces_the_design_rule(window, causal, q_len, kv_len):
     """flash-attn keeps key j for query i when pos - left <= j <= pos + right, pos = i + kv_len - q_len,
-    with right = 0 under causal and unlimited otherwise; docs/DESIGN.md keeps j when pos - j < W (and j <= pos if causal)."""
+    with right = 0 under causal and unlimited otherwise; docs/DESIGN.md keeps j when pos - j < W (and j <= pos
+    if causal)."""
     config = cfg(sliding_window=window, causal=causal)
     left = common.window_size_left(config)
     pos = torch.arange(kv_len - q_len, kv_len)[:, None]
