@@ -34,6 +34,7 @@ _BUILTIN = {
     "triton": "backends.triton",
     "flash_attn": "backends.flash_attn",
     "sdpa": "backends.sdpa",
+    "dequant": "backends.dequant",
 }
 _DEFAULT_ORDER = ("triton", "flash_attn", "sdpa")
 _targets: dict[str, "str | BackendEntry"] = dict(_BUILTIN)
