@@ -362,8 +362,12 @@ def _vllm_classes() -> dict[str, type]:
             queries = [False, True] if self.supports_quant_query_input else [False]
             calls = {}
             for quantized_query in queries:
-                config = config_from_vllm(block_size=block_size, quantized_query=quantized_query,
-                                          fp8_output=fp8_output, **self._layer_settings)
+                try:
+                    config = config_from_vllm(block_size=block_size, quantized_query=quantized_query,
+                                              fp8_output=fp8_output, **self._layer_settings)
+                except ValueError as exc:  # dispatch's config rules: one error type for every start-up refusal
+                    raise UnsupportedConfigError(
+                        f"vLLM layer cannot run on dispatch: {_config_error_text(exc)}") from exc
                 plans = _plans(config, self._device)
                 contiguity = _contiguity_reasons(plans)
                 if contiguity:
