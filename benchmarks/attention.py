@@ -336,7 +336,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_SHAPES)}, block size 16")
     parser.add_argument("--smoke", action="store_true", help="tiny cases on the CPU under the Triton interpreter")
-    parser.add_argument("--backends", nargs="+", default=["triton", "flash_attn", "sdpa"])
+    # dequant: the quantized caches through a 16-bit workspace and the best 16-bit backend (backends/dequant).
+    parser.add_argument("--backends", nargs="+", default=["triton", "dequant", "flash_attn", "sdpa"])
     parser.add_argument("--cases", nargs="+", default=None, help="case names (default: all)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))  # ignored by --smoke
     parser.add_argument("--block-sizes", nargs="+", type=int, default=list(BLOCK_SIZES))
