@@ -41,6 +41,7 @@ from typing import Callable, Optional
 import torch
 
 from dispatch import cases as table
+from dispatch.speed import workload_of
 
 # The serving shapes are the case table's "bench" cases (dispatch/cases.py), which fix the head geometry
 # (32 query heads, 8 KV heads, head size 128); each is timed with every dtype mode and block size below.
@@ -190,14 +191,24 @@ def run_case(name, kind, q_lens, kv_lens, dtype_name, fields, block_size, backen
     for backend in ["sdpa"] + [b for b in backends if b != "sdpa"]:
         config = base.model_copy(update={"backend": backend})
         result = Result(name, kind, dtype_name, block_size, backend, "ok")
-        report = dispatch.explain(config, device).report(backend)
+        # The host-side hint an engine passes (its max_query_len): it steers only "auto", which then runs
+        # the backend a measured speed rule ranks fastest for this workload (dispatch/speed.py).
+        hint = max(q_lens)
+        explanation = dispatch.explain(config, device, workload=workload_of(hint))
+        if backend == "auto":
+            chosen = explanation.chosen
+            report = explanation.report(chosen) if chosen else dispatch.selector.BackendReport(
+                "auto", False, False, ("no backend fits",))
+            result.extra["auto_chose"] = chosen
+        else:
+            report = explanation.report(backend)
         if not report.supported:
             result.status, result.detail = "refused", "; ".join(report.reasons)
             if backend in backends:
                 results.append(result)
             continue
         try:
-            out = dispatch.attention(*inputs.args, config=config, **inputs.kwargs)
+            out = dispatch.attention(*inputs.args, config=config, max_query_len=hint, **inputs.kwargs)
             real = output_as_real(out, config, inputs) if device == "cpu" else _real_on_device(out, config, inputs)
             if backend == "sdpa":
                 trusted = real
@@ -217,16 +228,17 @@ def run_case(name, kind, q_lens, kv_lens, dtype_name, fields, block_size, backen
                 continue
             if device == "cpu":
                 start = time.perf_counter()
-                dispatch.attention(*inputs.args, config=config, **inputs.kwargs)
+                dispatch.attention(*inputs.args, config=config, max_query_len=hint, **inputs.kwargs)
                 times = [(time.perf_counter() - start) * 1e3]
             else:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-                dispatch.attention(*inputs.args, config=config, **inputs.kwargs)
+                dispatch.attention(*inputs.args, config=config, max_query_len=hint, **inputs.kwargs)
                 torch.cuda.synchronize()
                 result.peak_extra_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
-                times = timer(lambda: dispatch.attention(*inputs.args, config=config, **inputs.kwargs))
+                times = timer(lambda: dispatch.attention(*inputs.args, config=config, max_query_len=hint,
+                                                         **inputs.kwargs))
         except Exception as exc:  # reported in the results, never swallowed
             result.status, result.detail = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             results.append(result)
