@@ -310,7 +310,9 @@ def vllm_views(config, inputs):
     ([num_blocks, H_kv, block_size, 2 * D], then transpose(1, 2).split(D, -1)), the scales as
     [num_blocks, H_kv, block_size] transposed: same values, other strides."""
     key_cache, value_cache = inputs.key_cache, inputs.value_cache
-    packed = torch.cat([key_cache, value_cache], dim=-1).transpose(1, 2).contiguous()
+    # Packed through uint8 views: the caches hold one-byte formats, and cat need not support fp8.
+    packed = torch.cat([key_cache.view(torch.uint8), value_cache.view(torch.uint8)], dim=-1)
+    packed = packed.transpose(1, 2).contiguous().view(key_cache.dtype)
     key_view, value_view = packed.transpose(1, 2).split(config.head_size, -1)
     assert torch.equal(key_view.view(torch.uint8), key_cache.view(torch.uint8)) and not key_view.is_contiguous()
     scale_views = None
