@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -52,7 +52,7 @@ import dispatch  # noqa: E402
 from dispatch.__main__ import main as dispatch_cli  # noqa: E402
 from dispatch.config import AttentionConfig  # noqa: E402
 from dispatch.integrations import vllm as plugin  # noqa: E402
-from tests.cases import make_inputs, tolerance, unit_roundoff  # noqa: E402
+from tests.cases import OUTPUT_SCALE, make_inputs, tolerance, unit_roundoff  # noqa: E402
 from tests.oracle import reference_attention  # noqa: E402
 from tests.vllm.conftest import HEAD_SIZE, NUM_HEADS, NUM_KV_HEADS  # noqa: E402
 
@@ -79,15 +79,15 @@ class Case:
     logits_soft_cap: Optional[float] = None
     alibi_slopes: Optional[tuple] = None
     sinks: bool = False
+    fp8_output: bool = False  # vLLM fused static per-tensor fp8 output quantization (output_scale)
     dispatch_backend: str = "triton"  # what auto must pick on CPU for this case
-    extra: dict = field(default_factory=dict)
 
     def config(self) -> AttentionConfig:
         return plugin.config_from_vllm(
             head_size=HEAD_SIZE, dtype=self.dtype, kv_cache_dtype=self.kv_cache_dtype, block_size=BLOCK_SIZE,
             num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, scale=SCALE, sliding_window=self.sliding_window,
             logits_soft_cap=self.logits_soft_cap, use_alibi=self.alibi_slopes is not None, has_sink=self.sinks,
-            quantized_query=self.quantized_query, fp8_dtype=plugin.fp8_storage_dtype())
+            quantized_query=self.quantized_query, fp8_output=self.fp8_output, fp8_dtype=plugin.fp8_storage_dtype())
 
 
 CASES = [
@@ -102,6 +102,9 @@ CASES = [
     Case("softcap-alibi", torch.float16, logits_soft_cap=SOFT_CAP, alibi_slopes=tuple(ALIBI_SLOPES)),
     Case("fp8-per-token-head", torch.float16, kv_cache_dtype="fp8_per_token_head"),
     Case("int8-per-token-head", torch.float16, kv_cache_dtype="int8_per_token_head"),
+    # dispatch refuses fp8 output from Triton on CPU (the interpreter mis-rounds the cast): sdpa serves it.
+    Case("fp8q-fp8kv-fp8out", torch.float16, kv_cache_dtype="fp8", quantized_query=True, fp8_output=True,
+         dispatch_backend="sdpa"),
 ]
 
 
@@ -200,15 +203,26 @@ def prepare(case: Case, vllm_config) -> Run:
     layer = Layer(*(float(kw[name].reshape(-1)[0]) if name in kw else 1.0 for name in ("q_scale", "k_scale", "v_scale")))
     metadata = vllm_metadata(vllm_config, inputs, config.kv_cache_torch_dtype)
     query = padded(inputs.q, PADDING_ROWS, 100.0)
+    if case.fp8_output:
+        from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8StaticTensorSym
+
+        assert plugin_impl.fused_output_quant_supported(kFp8StaticTensorSym)  # as vLLM's fusion pass asks
     return Run(config, inputs, layer, kv_cache, metadata, vllm_impl, plugin_impl, query)
 
 
 def run(impl, r: Run, out_dtype: torch.dtype) -> torch.Tensor:
     """impl.forward on the shared inputs; returns the whole (padded) output buffer."""
     output = torch.full((r.query.shape[0], NUM_HEADS, HEAD_SIZE), SENTINEL, dtype=out_dtype)
-    result = impl.forward(r.layer, r.query, None, None, r.kv_cache, r.metadata, output)
+    output_scale = r.inputs.kwargs["output_scale"].reshape(()) if r.config.out_is_fp8 else None
+    result = impl.forward(r.layer, r.query, None, None, r.kv_cache, r.metadata, output, output_scale=output_scale)
     assert result is output
     return output
+
+
+def real(r: Run, output: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The first num_tokens rows as float64 real values (an fp8 output times output_scale)."""
+    values = output[:num_tokens].to(torch.float64)
+    return values * float(r.inputs.kwargs["output_scale"].reshape(-1)[0]) if r.config.out_is_fp8 else values
 
 
 # ---- judging -----------------------------------------------------------------------------------------
@@ -228,13 +242,15 @@ def assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, lab
 
 
 def bound(ref: torch.Tensor, ref_abs: torch.Tensor, v_max: float, p_unit: float, out_dtype: torch.dtype):
-    """The error bound of a kernel that rounds P with unit roundoff p_unit (module docstring)."""
-    return 2 * p_unit * ref_abs + 2 * p_unit * v_max + unit_roundoff(out_dtype) * ref.abs() + 1e-6
+    """The error bound of a kernel that rounds P with unit roundoff p_unit (module docstring); an e4m3
+    output adds half its smallest subnormal step (2^-10) times output_scale."""
+    floor = 2.0**-10 * OUTPUT_SCALE if out_dtype == torch.float8_e4m3fn else 0.0
+    return 2 * p_unit * ref_abs + 2 * p_unit * v_max + unit_roundoff(out_dtype) * ref.abs() + 1e-6 + floor
 
 
 def plugin_bound(case: Case, config: AttentionConfig, ref, ref_abs, v_max):
     if case.dispatch_backend == "sdpa":
-        atol, rtol = tolerance(config, torch.bfloat16)
+        atol, rtol = tolerance(config, case.dtype)  # computes in the model's 16-bit dtype
         return atol + rtol * ref.abs()
     return bound(ref, ref_abs, v_max, unit_roundoff(torch.float16), config.out_torch_dtype)
 
@@ -267,14 +283,14 @@ def test_plugin_matches_vllm_triton_backend_and_oracle(case, vllm_config, gpu_li
 
     plugin_out = run(r.plugin_impl, r, config.out_torch_dtype)
     assert (plugin_out[num_tokens:].float() == SENTINEL).all(), "the plugin wrote past num_actual_tokens"
-    plugin_real = plugin_out[:num_tokens].to(torch.float64)
+    plugin_real = real(r, plugin_out, num_tokens)
     plugin_tol = plugin_bound(case, config, ref, ref_abs, v_max)
     assert_within(plugin_real, ref, plugin_tol, f"{case.name}: plugin vs oracle")
 
     if case.dtype == torch.bfloat16:
         return  # vLLM's bf16 kernel is wrong under the interpreter (module docstring): nothing to compare on CPU
     vllm_out = run(r.vllm_impl, r, config.out_torch_dtype)
-    vllm_real = vllm_out[:num_tokens].to(torch.float64)
+    vllm_real = real(r, vllm_out, num_tokens)
     vllm_tol = vllm_bound(case, config, ref, ref_abs, v_max)
     assert_within(vllm_real, ref, vllm_tol, f"{case.name}: vLLM's TritonAttentionImpl vs oracle")
     assert_within(plugin_real, vllm_real, plugin_tol + vllm_tol, f"{case.name}: plugin vs vLLM")
