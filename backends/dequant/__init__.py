@@ -131,7 +131,10 @@ def _interpreter_rounding(config: AttentionConfig, device: DeviceInfo) -> list[s
 
 
 def _inner_backend(config: AttentionConfig, device: DeviceInfo) -> list[str]:
-    """A 16-bit backend runs the dequantized config: the first of flash_attn, triton, sdpa that fits (on CUDA, CUDA-graph safe ones)."""
+    """A 16-bit backend runs the dequantized config: flash_attn, triton or sdpa (graph-safe ones on CUDA).
+
+    The reasons name each candidate and its own reasons; `choose_inner` says which one runs.
+    """
     if not _handles(config):
         return []
     choice = choose_inner(config, device)
