@@ -461,3 +461,13 @@ def test_registered_class_path_resolves():
     plugin.register()
     assert AttentionBackendEnum.CUSTOM.get_class() is plugin.DispatchAttentionBackend
     assert plugin.DispatchAttentionBackend.get_impl_cls() is plugin.DispatchAttentionImpl
+
+
+def test_forward_reads_no_device_value():
+    """CUDA-graph safety of the plugin's own code: the per-call path never reads a tensor on the host."""
+    import inspect
+
+    source = "".join(inspect.getsource(f) for f in (plugin.DispatchAttentionImpl.forward, plugin.split_kv_cache,
+                                                     plugin.DispatchAttentionImpl._vectors))
+    for forbidden in (".item(", ".cpu(", ".tolist(", "bool(", ".numpy(", "float(", "int("):
+        assert forbidden not in source, forbidden
