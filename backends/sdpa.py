@@ -10,13 +10,14 @@ tensor or per token and head), and then
     has no way to express.
 
 Precision (`compute_dtype`): a 16-bit query over an unquantized cache of the
-same dtype computes in that dtype, like any 16-bit kernel. Everything else
-computes in float32: an fp8 query (dequantized with q_scale), and every
-quantized cache (FP8 per tensor, FP8/INT8 per token and head). Dequantizing
-into the 16-bit query dtype instead would round each real key to 8 (bf16)
-mantissa bits; with large per-token scales the scores grow with them, and a
-relative error of 2^-9 on a score of a few hundred moves the softmax by
-several percent. In float32 the dequantization (stored * scale) and the
+same dtype computes in that dtype through SDPA, like any 16-bit kernel
+(softcap and sinks: in float32 on those exact 16-bit values). Everything
+else computes in float32: an fp8 query (dequantized with q_scale), and
+every quantized cache (FP8 per tensor, FP8/INT8 per token and head).
+Dequantizing into the 16-bit query dtype instead would round each real key
+to 8 (bf16) mantissa bits; with large per-token scales the scores grow with
+them, and a relative error of 2^-9 on a score of a few hundred moves the
+softmax by several percent. In float32 the dequantization (stored * scale) and the
 scores carry relative errors near 2^-24.
 
 Memory: the query dimension is chunked so that one step holds at most
@@ -78,11 +79,17 @@ DECODE_MAX_Q_LEN = 8
 
 
 def compute_dtype(config: AttentionConfig) -> torch.dtype:
-    """The dtype of the dot products and (for SDPA) the softmax: the query's 16-bit dtype only when nothing is
-    dequantized (16-bit query, unquantized cache of the same dtype); float32 otherwise."""
+    """The precision sdpa promises, the dtype whose roundings bound its error: the query's 16-bit dtype only when
+    nothing is dequantized (16-bit query, unquantized cache of the same dtype), float32 otherwise. (Softcap and
+    sinks always take the explicit float32 softmax, on values that 16 bits hold exactly: no less accurate.)"""
     if config.q_is_fp8 or config.kv_quant_mode is not KVQuantMode.NONE:
         return torch.float32
     return config.q_torch_dtype
+
+
+def _needs_explicit_softmax(config: AttentionConfig) -> bool:
+    """Softcap and sinks need the scores themselves, which SDPA does not expose."""
+    return config.logits_soft_cap is not None or config.use_sinks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,7 +205,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
     group = heads // kv_heads
     # Each KV head serves `group` query heads: fold them into the rows ([N, H_kv, group * Q, D], row = g * Q + i),
     # so K and V are read as they are instead of repeated per query head.
+    # (contiguous: the same strides whatever view q came from, so strided inputs give bit-identical results)
     qg = q.reshape(n, rows, kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * rows, d)
+    qg = qg.contiguous()
     kg = k.transpose(1, 2)
     vg = v.transpose(1, 2)
     key = torch.arange(length, device=q.device)
@@ -213,7 +222,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
         distance = (key - pos).to(torch.float32)[:, None, None]  # [N, 1, 1, Q, L]
         slopes = alibi_slopes.to(torch.float32).reshape(1, kv_heads, group, 1, 1)
 
-    if config.logits_soft_cap is None and not config.use_sinks:
+    if not _needs_explicit_softmax(config):
         if config.use_alibi:
             mask = (slopes * distance).reshape(n, kv_heads, group * rows, length)
             mask = mask.masked_fill_(~visible, float("-inf")).to(qg.dtype)
@@ -221,8 +230,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
             mask = visible
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=config.scale)
     else:
-        # Softcap and sinks need the scores themselves: explicit float32 softmax, in place where possible.
-        scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)).mul_(config.scale)  # [N, H_kv, R, L]
+        # Explicit softmax (q, k, v are float32 here: compute_dtype), in place where possible.
+        scores = torch.matmul(qg, kg.transpose(-1, -2)).mul_(config.scale)  # [N, H_kv, R, L]
         if config.logits_soft_cap is not None:
             cap = config.logits_soft_cap
             scores.div_(cap).tanh_().mul_(cap)
@@ -238,7 +247,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
         denominator = weights.sum(dim=-1, keepdim=True)
         if config.use_sinks:
             denominator = denominator + torch.exp(sink_rows - row_max)
-        out = torch.matmul(weights, vg.float()).div_(denominator)
+        out = torch.matmul(weights, vg).div_(denominator)
     return out.reshape(n, kv_heads, group, rows, d).permute(0, 3, 1, 2, 4).reshape(n, rows, heads, d).float()
 
 
@@ -292,7 +301,9 @@ def forward(
     used_columns = torch.arange(most_pages, device=device)[None, :] < needed[:, None]
     _check_pages(pages_needed, block_table, key_cache.shape[0], used_columns)
 
-    dtype = compute_dtype(config)
+    # K and V are gathered into the dtype the attention runs in; the explicit softmax works in float32, so its
+    # 16-bit K/V convert once here (exactly) instead of once per query chunk.
+    dtype = torch.float32 if _needs_explicit_softmax(config) else compute_dtype(config)
     q_real = _dequantize(q, q_scale, None, dtype)
     per_token_head = config.kv_quant_mode.is_per_token_head
     scales = dict(k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache if per_token_head else None,

@@ -74,7 +74,7 @@ def test_every_mode_causal_gqa(mode):
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
-@pytest.mark.parametrize("mode", ["pr42080_fp8q_fp8kv", "fp16q_int8_per_token_head", "bf16q_fp8kv"])
+@pytest.mark.parametrize("mode", ["pr42080_fp8q_fp8kv", "fp16q_int8_per_token_head", "bf16q_fp8kv", "bf16"])
 def test_features(mode, feature):
     run_and_compare(_config(mode, feature))
 
