@@ -11,9 +11,10 @@ one [num_blocks, 2, block_size, num_kv_heads, head_size] tensor and passes
 Scale semantics are the attention's (README "The API"):
 
 - A scale is a dequantization factor: real value = ``stored.float() * scale``.
-- Quantizing is ``x / scale``, rounded to nearest (ties to even) in the cache
-  format and saturated to its range: +-448 for float8_e4m3fn, +-57344 for
-  float8_e5m2, +-127 for int8 (symmetric: -128 is never written).
+- Quantizing is ``x / scale`` (the quotient formed in float32), rounded to
+  nearest (ties to even) in the cache format and saturated to its range:
+  +-448 for float8_e4m3fn, +-57344 for float8_e5m2, +-127 for int8
+  (symmetric: -128 is never written).
 - FP8_PER_TENSOR: one fp32 ``k_scale`` and one ``v_scale`` (one element each)
   for the whole cache, given by the caller (`calibrate_scale` derives one from
   the amax of a sample, e.g. the prefill).

@@ -147,10 +147,12 @@ def register(name: str = "dispatch", *, backend: Optional[str] = None) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if not isinstance(name, str) or not name or name in ("eager", "sdpa", "flex_attention") or name.startswith(
-            ("flash_attention", "paged")):
-        raise ValueError(f"name: expected a new attention implementation name, got {name!r} "
-                         "(transformers' own names and the 'paged' prefix are taken)")
+    # transformers reads meaning into these: a name containing "sdpa", "flash" or "flex_attention" gets that
+    # implementation's model checks (Gemma2 or GPT-OSS refuse "sdpa"), and "paged|" is a prefix of its own.
+    taken = ("sdpa", "flash", "flex_attention", "paged")
+    if not isinstance(name, str) or not name.isidentifier() or name == "eager" or any(t in name for t in taken):
+        raise ValueError(f"name: expected a new attention implementation name (an identifier that is not 'eager' and "
+                         f"contains none of {list(taken)}, which transformers interprets), got {name!r}")
     _REGISTERED[name] = _Registration(name, backend)
 
     def attention(module, query, key, value, attention_mask, **kwargs):
