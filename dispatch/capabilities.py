@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from dispatch.config import AttentionConfig, KVQuantMode
+from dispatch.errors import InputError
 
 __all__ = ["Capability", "DeviceInfo", "resolve_device", "reasons", "missing_modules", "FEATURES"]
 
@@ -84,7 +85,11 @@ def resolve_device(device: Union[str, torch.device, DeviceInfo, None] = None) ->
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return _resolve_device_cached(torch.device(device), interpret)
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own message lists every device type it knows, not ours
+        raise InputError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    return _resolve_device_cached(torch_device, interpret)
 
 
 @dataclass(frozen=True)

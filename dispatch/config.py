@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, mod
 
 __all__ = [
     "AttentionConfig",
+    "ConfigRuleError",
     "KVQuantMode",
     "DTYPE_NAMES",
     "Q_DTYPES",
@@ -117,6 +118,15 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, canonical_dtype_name(name))
 
 
+class ConfigRuleError(ValueError):
+    """The cross-field rules a config breaks, one message each in ``problems`` (pydantic keeps this
+    error as the cause of its ValidationError, so file loaders can report each rule on its own line)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
 def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
@@ -163,7 +173,7 @@ def _check_allowed(field: str, name: str, allowed: frozenset[str]) -> str:
 class AttentionConfig(BaseModel):
     """One paged, variable-length attention call, described fully.
 
-    Semantics (shared by every backend; see DESIGN.md): query token i of a
+    Semantics (shared by every backend; see docs/DESIGN.md): query token i of a
     sequence with q_len queries and kv_len keys sits at position
     kv_len - q_len + i (causal mask aligned bottom-right). For q_len=2,
     kv_len=5 the visible keys are::
@@ -243,7 +253,7 @@ class AttentionConfig(BaseModel):
     def _cross_field_rules(self) -> "AttentionConfig":
         problems = config_rule_violations(self)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigRuleError(problems)
         if self.out_dtype is None:
             # Resolve the default once so every consumer sees the real output dtype.
             default = "bfloat16" if self.q_dtype in FP8_DTYPES else self.q_dtype

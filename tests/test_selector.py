@@ -195,3 +195,70 @@ def test_unregistering_a_moved_builtin_restores_its_place():
     assert dispatch.default_order()[0] == "sdpa"
     registry.unregister_backend("sdpa")
     assert dispatch.default_order() == ("triton", "flash_attn", "sdpa")
+
+
+def _run_python(code, **env_extra):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPATCH_BACKEND", "DISPATCH_CONFIG")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_dispatch_backend_steers_configs_built_in_code():
+    code = """
+        import dispatch
+        from dispatch.capabilities import DeviceInfo
+        cpu = DeviceInfo(type="cpu", name="cpu")
+        auto = dispatch.AttentionConfig(num_heads=4, num_kv_heads=2, head_size=32, q_dtype="fp16", kv_cache_dtype="fp16")
+        print(dispatch.explain(auto, cpu).requested, dispatch.select(auto, cpu).name)
+        named = auto.model_copy(update={"backend": "triton"})
+        print(dispatch.explain(named, cpu).requested)       # a config naming a backend keeps it
+        with dispatch.use(backend="triton"):
+            print(dispatch.explain(auto, cpu).requested)    # a scope beats the variable
+        with dispatch.use(backend="auto"):
+            print(dispatch.explain(auto, cpu).requested)    # and can hand the choice back to auto
+    """
+    result = _run_python(code, DISPATCH_BACKEND="SDPA")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["sdpa sdpa", "triton", "triton", "auto"]
+
+
+def test_an_unknown_dispatch_backend_is_named_at_first_selection():
+    code = """
+        import dispatch                                     # importing does not fail
+        cfg = dispatch.AttentionConfig(num_heads=4, num_kv_heads=2, head_size=32, q_dtype="fp16", kv_cache_dtype="fp16")
+        try:
+            dispatch.select(cfg, "cpu")
+        except dispatch.UnsupportedConfigError as exc:
+            print(exc)
+    """
+    result = _run_python(code, DISPATCH_BACKEND="flashinfr")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("DISPATCH_BACKEND: unknown backend 'flashinfr'; valid options are 'auto' or one "
+                                    "of ['triton', 'flash_attn', ")
+
+
+def test_use_with_an_unknown_name_raises_at_once():
+    with pytest.raises(UnsupportedConfigError, match=r"^backend: unknown backend 'flashinfr'; valid options are "):
+        with dispatch.use(backend="flashinfr"):
+            pass
+    with pytest.raises(UnsupportedConfigError, match=r"^order: unknown backend 'nope'"):
+        with dispatch.use(order=["sdpa", "nope"]):
+            pass
+    with pytest.raises(ValueError, match="order: 'auto' is not a backend"):
+        with dispatch.use(order=["auto"]):
+            pass
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "graphics"])
+def test_an_unknown_device_names_the_argument(device):
+    with pytest.raises(ValueError) as info:
+        dispatch.select(cfg(), device)
+    assert str(info.value).startswith(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    with pytest.raises(ValueError, match="^device: expected"):
+        dispatch.explain(cfg(), device)
