@@ -96,8 +96,9 @@ def unregister_backend(name: str) -> None:
             # Back to its default place too (a registration with position= may have moved it).
             if name in _order:
                 _order.remove(name)
-            before = [n for n in _DEFAULT_ORDER[: _DEFAULT_ORDER.index(name)] if n in _order]
-            _order.insert(_order.index(before[-1]) + 1 if before else 0, name)
+            if name in _DEFAULT_ORDER:  # a built-in outside the default order (dequant) stays outside it
+                before = [n for n in _DEFAULT_ORDER[: _DEFAULT_ORDER.index(name)] if n in _order]
+                _order.insert(_order.index(before[-1]) + 1 if before else 0, name)
         else:
             _targets.pop(name, None)
             if name in _order:

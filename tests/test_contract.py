@@ -101,7 +101,11 @@ def _check_argument_is_used(backend: str, argument: str, device: str) -> None:
     inputs = make_inputs(config, [1, 5, 17], [9, 17, 40], device=device, seed=7)
     changed = dict(inputs.kwargs)
     changed[argument] = change(inputs.kwargs[argument].cpu()).to(inputs.kwargs[argument].device)
-    atol, rtol = tolerance(config, torch.float32 if config.q_is_fp8 else config.q_torch_dtype, roundings=16)
+    # The arithmetic the backend declares: an fp8 query's P is rounded to fp8_query_p_dtype (fp16 in the
+    # Triton kernel) before P V, else the work is in fp32; a 16-bit query computes in its own dtype.
+    p_dtype = registry.get_backend(backend).capability.fp8_query_p_dtype if config.q_is_fp8 else None
+    compute = (getattr(torch, p_dtype) if p_dtype else torch.float32) if config.q_is_fp8 else config.q_torch_dtype
+    atol, rtol = tolerance(config, compute, roundings=16)
     outputs = []
     for kwargs in (inputs.kwargs, changed):
         out = dispatch.attention(*inputs.args, config=config, **kwargs)

@@ -262,3 +262,13 @@ def test_an_unknown_device_names_the_argument(device):
     assert str(info.value).startswith(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     with pytest.raises(ValueError, match="^device: expected"):
         dispatch.explain(cfg(), device)
+
+
+def test_unregistering_a_builtin_outside_the_default_order_keeps_it_outside():
+    """dequant ships with the project but auto reaches it only through speed rules."""
+    assert "dequant" in dispatch.backend_names() and "dequant" not in dispatch.default_order()
+    order = dispatch.default_order()
+    dispatch.register_backend("dequant", module="backends.dequant", position=0)
+    assert dispatch.default_order()[0] == "dequant"
+    dispatch.unregister_backend("dequant")
+    assert dispatch.default_order() == order and "dequant" in dispatch.backend_names()

@@ -123,7 +123,7 @@ def choose_num_kv_splits(
     Split when the launch is decode-shaped (at most DECODE_MAX_QUERIES_PER_SEQ
     query tokens per sequence on average) and its num_seqs x num_kv_heads
     programs would leave the GPU underfilled (fewer than PROGRAMS_PER_SM per
-    SM). Segments are sized in the kernel from each sequence's real kv_len; the
+    SM), into as many segments as one wave holds. Segments are sized in the kernel from each sequence's real kv_len; the
     count here is capped by MAX_KV_SPLITS and by the block table's upper bound
     on kv_len (no segment shorter than MIN_KEYS_PER_SPLIT keys on that bound).
     Off the GPU (the interpreter) there is nothing to fill: never split.
@@ -137,7 +137,11 @@ def choose_num_kv_splits(
     target = PROGRAMS_PER_SM * _multiprocessor_count(device_index)
     if programs >= target:
         return 1
-    splits = triton.cdiv(target, programs)
+    # As many segments as fit in one wave (floor, not ceil): one program more than the GPU holds at once
+    # starts a second, mostly idle wave. On an H200, 8 x 32k decode (64 programs, 264 slots) ran 5 segments
+    # (320 programs) at 0.293 ms with an fp8 cache and 4 segments at 0.220 (benchmarks.split_sweep,
+    # RESULTS.md); bf16 was within noise of either.
+    splits = target // programs
     return max(1, min(splits, MAX_KV_SPLITS, max_kv_len_bound // MIN_KEYS_PER_SPLIT))
 
 

@@ -259,8 +259,12 @@ def test_through_dispatch_attention():
 def test_split_heuristic(monkeypatch):
     monkeypatch.setattr(launcher, "_multiprocessor_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    # 8 decode sequences x 8 KV heads = 64 programs < 2 x 132: split, ceil(264 / 64) = 5.
-    assert launcher.choose_num_kv_splits(8, 8, 8, 8192, cuda) == 5
+    # 8 decode sequences x 8 KV heads = 64 programs < 2 x 132: split into as many segments as one wave
+    # holds, 264 // 64 = 4 (5 would start a second wave of 56 programs).
+    assert launcher.choose_num_kv_splits(8, 8, 8, 8192, cuda) == 4
+    assert launcher.choose_num_kv_splits(5, 5, 8, 8192, cuda) == 6  # 40 programs, 240 with 6 segments
+    # More than half a wave already: a split would only add a second wave.
+    assert launcher.choose_num_kv_splits(19, 19, 8, 8192, cuda) == 1
     # One decode sequence: capped at MAX_KV_SPLITS.
     assert launcher.choose_num_kv_splits(1, 1, 8, 65536, cuda) == launcher.MAX_KV_SPLITS
     # Capped by the block table's bound on kv_len: 1024 keys / 256 per split.
