@@ -131,6 +131,9 @@ class Capability:
     fp8_query_p_dtype: Optional[str] = None
     # Rules the fields above cannot express; each returns a list of reasons.
     extra_rules: tuple[Callable[[AttentionConfig, DeviceInfo], list[str]], ...] = field(default=(), compare=False)
+    # What a supported (config, device) will actually run, where the record alone cannot say (the dequant
+    # backend's inner backend); explain() appends it to the description.
+    plan_note: Optional[Callable[[AttentionConfig, DeviceInfo], str]] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         unknown = set(self.features) - set(FEATURES)

@@ -128,8 +128,10 @@ def _report(name: str, config: AttentionConfig, device: DeviceInfo) -> BackendRe
         return BackendReport(name, available=False, supported=False, reasons=(entry,))
     why = reasons(entry.capability, config, device)
     available = not missing_modules(entry.capability.required_modules)
-    return BackendReport(name, available=available, supported=not why, reasons=tuple(why),
-                         description=entry.capability.description)
+    description = entry.capability.description
+    if not why and entry.capability.plan_note is not None:
+        description += f" [{entry.capability.plan_note(config, device)}]"
+    return BackendReport(name, available=available, supported=not why, reasons=tuple(why), description=description)
 
 
 def _effective(config: AttentionConfig, override: Override, device: DeviceInfo,

@@ -164,6 +164,7 @@ CAPABILITY = Capability(
     required_modules=("triton",),
     cuda_graph_safe=True,
     extra_rules=(_cpu_needs_interpreter, _interpreter_rounding, _inner_backend),
+    plan_note=lambda config, device: f"here: dequantize, then {choose_inner(config, device).name}",
 )
 
 
