@@ -317,19 +317,21 @@ def forward(
     for batch in (_decode_batches(decode, q_lens, kv_lens, config) if decode else []):
         rows = max(q_lens[s] for s in batch)
         length = max(kv_lens[s] for s in batch)
-        # Query rows padded to `rows` by repeating each sequence's last token (outputs dropped below).
-        tokens = [[starts[s] + min(i, q_lens[s] - 1) for i in range(rows)] for s in batch]
-        positions = [[kv_lens[s] - q_lens[s] + min(i, q_lens[s] - 1) for i in range(rows)] for s in batch]
-        real_rows = [[i < q_lens[s] for i in range(rows)] for s in batch]
-        index = torch.tensor(tokens, dtype=torch.long, device=device)
+        # Host-built indices, one copy to the device each, so no step below waits on the GPU.
+        # Query rows are padded to `rows` by repeating each sequence's last token; their outputs are dropped.
+        last_row = [[min(i, q_lens[s] - 1) for i in range(rows)] for s in batch]
+        tokens = torch.tensor([[starts[s] + i for i in r] for s, r in zip(batch, last_row)], device=device)
+        positions = torch.tensor([[kv_lens[s] - q_lens[s] + i for i in r] for s, r in zip(batch, last_row)],
+                                 device=device)
+        real_rows = torch.tensor([b * rows + i for b, s in enumerate(batch) for i in range(q_lens[s])], device=device)
+        real_tokens = torch.tensor([starts[s] + i for s in batch for i in range(q_lens[s])], device=device)
         lens = torch.tensor([kv_lens[s] for s in batch], dtype=torch.long, device=device)
         pages = safe_table[torch.tensor(batch, device=device), : -(-length // bs)]
         padded = min(kv_lens[s] for s in batch) < length
         k, v = _gather_kv(key_cache, value_cache, pages, lens, length, dtype, padded, **scales)
-        result = _attend(q_real[index], k, v, torch.tensor(positions, device=device), lens, config,
-                         alibi_slopes, sinks)
-        keep = torch.tensor(real_rows, device=device)
-        out[index[keep]] = _store(result[keep], config, output_scale)
+        result = _attend(q_real[tokens], k, v, positions, lens, config, alibi_slopes, sinks)
+        result = result.reshape(-1, config.num_heads, config.head_size).index_select(0, real_rows)
+        out[real_tokens] = _store(result, config, output_scale)
 
     for seq in prefill:
         q_start, q_len, kv_len = starts[seq], q_lens[seq], kv_lens[seq]

@@ -132,6 +132,16 @@ def test_softmax_scale_is_honoured():
     run_and_compare(_config("fp16", "causal", softmax_scale=0.3))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _on(inputs, device: str):
+    """The same inputs on `device` (built and edited on the CPU, where the oracle reads them)."""
+    moved = {name: getattr(inputs, name).to(device) for name in
+             ("q", "key_cache", "value_cache", "cu_seqlens_q", "seq_lens", "block_table")}
+    return type(inputs)(**moved, kwargs={k: v.to(device) for k, v in inputs.kwargs.items()})
+
+
 def _with_large_token_scales(inputs, seed: int, q_gain: float):
     """Per-token-head scales drawn from [0.5, 50] (real = stored * scale); q multiplied by q_gain. Poisoned (NaN)
     slots stay NaN."""
@@ -161,7 +171,8 @@ def _largest_abs_score(inputs, config) -> torch.Tensor:
 @pytest.mark.parametrize("out_dtype", ["float32", None])
 @pytest.mark.parametrize("kv_cache_dtype,kv_quant_mode", [("int8", "INT8_PER_TOKEN_HEAD"),
                                                           ("float8_e4m3fn", "FP8_PER_TOKEN_HEAD")])
-def test_large_per_token_scales_stay_within_the_float32_bound(kv_cache_dtype, kv_quant_mode, out_dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_per_token_scales_stay_within_the_float32_bound(kv_cache_dtype, kv_quant_mode, out_dtype, device):
     """Issue 15: a bf16 query over a per-token-head cache with scales up to 50. Dequantized into bf16 (the old
     code) each real key kept 8 mantissa bits, and the error was 2.7% (int8) / 12% (fp8) of max sum_j p_j |v_j|,
     100-300x this bound. In float32 the bound follows from the arithmetic:
@@ -180,7 +191,8 @@ def test_large_per_token_scales_stay_within_the_float32_bound(kv_cache_dtype, kv
     q_lens, kv_lens = [1, 5, 17, 40], [33, 129, 17, 64]
     inputs = _with_large_token_scales(make_inputs(config, q_lens, kv_lens, seed=5), seed=6, q_gain=0.01)
     ref, weighted_abs = reference_attention(*inputs.args, **inputs.oracle_kwargs(config), with_abs=True)
-    out = output_as_real(dispatch.attention(*inputs.args, config=config, **inputs.kwargs), config, inputs)
+    on_device = _on(inputs, device)
+    out = output_as_real(dispatch.attention(*on_device.args, config=config, **on_device.kwargs), config, inputs)
     u = unit_roundoff(torch.float32)
     roundings = (config.head_size + 2) * u
     delta = roundings / (1 - roundings) * _largest_abs_score(inputs, config)
@@ -204,7 +216,8 @@ def test_chunked_and_batched_paths_match_the_oracle(monkeypatch, budget, decode_
     run_and_compare(_config("fp16q_int8_per_token_head", feature))
 
 
-def test_decode_batch_of_mixed_lengths_matches_the_oracle(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_batch_of_mixed_lengths_matches_the_oracle(monkeypatch, device):
     """Many decode and speculative-decode sequences of different KV lengths in one batch: padding to the longest
     reads other pages (NaN-poisoned) and must be masked without a trace."""
     config = _config("bf16q_fp8kv", "all")
@@ -215,7 +228,8 @@ def test_decode_batch_of_mixed_lengths_matches_the_oracle(monkeypatch):
     atol, rtol = tolerance(config, compute_dtype(config))
     for budget in (1 << 25, 40_000):  # one batch; several
         monkeypatch.setattr(sdpa, "MAX_SCORE_ELEMENTS", budget)
-        out = dispatch.attention(*inputs.args, config=config, **inputs.kwargs)
+        on_device = _on(inputs, device)
+        out = dispatch.attention(*on_device.args, config=config, **on_device.kwargs)
         assert_close_to_oracle(output_as_real(out, config, inputs), ref, atol=atol, rtol=rtol, label=f"{budget}")
 
 
@@ -229,11 +243,13 @@ def _vllm_kv_views(key_cache: torch.Tensor, value_cache: torch.Tensor, layout: s
     num_blocks, block_size, kv_heads, head_size = key_cache.shape
     packed = torch.cat([key_cache, value_cache], dim=-1)  # [num_blocks, block_size, H_kv, 2D]
     if layout == "NHD":
-        storage = torch.empty(num_blocks, block_size, kv_heads, 2 * head_size, dtype=key_cache.dtype)
+        storage = torch.empty(num_blocks, block_size, kv_heads, 2 * head_size, dtype=key_cache.dtype,
+                              device=key_cache.device)
         kv_cache = storage.transpose(1, 2)  # logical [num_blocks, H_kv, block_size, 2D]
     else:
-        kv_cache = torch.empty(num_blocks, kv_heads, block_size, 2 * head_size, dtype=key_cache.dtype)
-    kv_cache.transpose(1, 2).view(torch.uint8).copy_(packed.view(torch.uint8))
+        kv_cache = torch.empty(num_blocks, kv_heads, block_size, 2 * head_size, dtype=key_cache.dtype,
+                               device=key_cache.device)
+    kv_cache.transpose(1, 2).copy_(packed)
     key_view, value_view = kv_cache.transpose(1, 2).split(head_size, -1)
     assert not key_view.is_contiguous() and torch.equal(key_view.view(torch.uint8), key_cache.view(torch.uint8))
     return key_view, value_view
@@ -242,20 +258,20 @@ def _vllm_kv_views(key_cache: torch.Tensor, value_cache: torch.Tensor, layout: s
 def _strided_copy(t: torch.Tensor, how: str) -> torch.Tensor:
     """The same values as `t`, held as a view with other strides."""
     if how == "transposed_scales":  # [num_blocks, block_size, H_kv] stored as [num_blocks, H_kv, block_size]
-        holder = torch.empty(t.shape[0], t.shape[2], t.shape[1], dtype=t.dtype)
+        holder = torch.empty(t.shape[0], t.shape[2], t.shape[1], dtype=t.dtype, device=t.device)
         view = holder.transpose(1, 2)
     elif how == "every_other":  # x[::2] of a longer tensor
-        holder = torch.empty(2 * t.shape[0], *t.shape[1:], dtype=t.dtype)
+        holder = torch.empty(2 * t.shape[0], *t.shape[1:], dtype=t.dtype, device=t.device)
         view = holder[::2]
     elif how == "column":  # param[:, 0] of a [n, 2] parameter
-        holder = torch.empty(*t.shape, 2, dtype=t.dtype)
+        holder = torch.empty(*t.shape, 2, dtype=t.dtype, device=t.device)
         view = holder[..., 0]
     elif how == "padded_rows":  # a slice of a larger buffer, last dimension contiguous
-        holder = torch.empty(t.shape[0] + 3, t.shape[1] + 2, t.shape[2] + 8, dtype=t.dtype)
+        holder = torch.empty(t.shape[0] + 3, t.shape[1] + 2, t.shape[2] + 8, dtype=t.dtype, device=t.device)
         view = holder[1 : t.shape[0] + 1, 1 : t.shape[1] + 1, : t.shape[2]]
     else:
         raise ValueError(how)
-    view.view(torch.uint8).copy_(t.view(torch.uint8)) if t.element_size() == 1 else view.copy_(t)
+    view.copy_(t)  # same dtype: a bit copy, NaN poison included
     assert view.stride() != t.stride()
     return view
 
@@ -263,11 +279,12 @@ def _strided_copy(t: torch.Tensor, how: str) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("mode,feature", [("bf16", "all"), ("fp16q_int8_per_token_head", "all"),
                                           ("pr42080_fp8q_fp8kv", "fp8out"), ("bf16q_fp8_per_token_head", "alibi")])
-def test_strided_views_give_identical_results(mode, feature, layout):
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_views_give_identical_results(mode, feature, layout, device):
     """Engine-held views (vLLM's K/V split, transposed scale caches, x[::2] slopes, param[:, 0] sinks, q and out
     inside larger buffers) give bit-identical results to contiguous copies, and `out` is written in place."""
     config = _config(mode, feature)
-    inputs = make_inputs(config, Q_LENS, KV_LENS)
+    inputs = make_inputs(config, Q_LENS, KV_LENS, device=device)
     expected = sdpa.forward(*inputs.args, config=config, **inputs.kwargs)
 
     key_view, value_view = _vllm_kv_views(inputs.key_cache, inputs.value_cache, layout)
@@ -281,7 +298,7 @@ def test_strided_views_give_identical_results(mode, feature, layout):
         kwargs["sinks"] = _strided_copy(kwargs["sinks"], "column")
     q_view = _strided_copy(inputs.q, "padded_rows")
     out_holder = torch.zeros(expected.shape[0] + 3, expected.shape[1] + 2, expected.shape[2] + 8,
-                             dtype=expected.dtype)
+                             dtype=expected.dtype, device=expected.device)
     out_view = out_holder[1 : expected.shape[0] + 1, 1 : expected.shape[1] + 1, : expected.shape[2]]
     result = sdpa.forward(q_view, key_view, value_view, *inputs.args[3:], config=config, out=out_view, **kwargs)
 
