@@ -59,6 +59,7 @@ __all__ = [
     "quantize",
     "slots_for",
     "write_kv",
+    "write_kv_unchecked",
     "zeros_cache",
 ]
 
@@ -87,7 +88,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
     """``x / scale`` rounded to nearest-even in `dtype`, saturated to its range.
 
     Args:
-        x: any shape, any floating dtype (computed in float32).
+        x: any shape, float16 / bfloat16 / float32 (the quotient is formed in float32).
         scale: float32, broadcastable to `x` (one element, or [..., 1] per row); positive.
         dtype: torch.float8_e4m3fn, torch.float8_e5m2 or torch.int8.
 
@@ -95,7 +96,11 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
         `x`'s shape in `dtype`. Dequantize with ``stored.float() * scale``.
     """
     limit = _format_max(dtype)
-    scaled = x.float() / scale
+    if scale.dtype != torch.float32:
+        raise InputError(f"scale: expected float32, got {scale.dtype}")
+    # A 16-bit x divided by a float32 tensor with dimensions is computed in float32 (type promotion), without
+    # first materializing x in float32; a 0-dim scale would not promote, so it gets one dimension.
+    scaled = torch.div(x, scale.reshape(1) if scale.dim() == 0 else scale)
     if dtype == torch.int8:
         return scaled.round().clamp_(-limit, limit).to(torch.int8)
     return scaled.clamp_(-limit, limit).to(dtype)
@@ -111,7 +116,7 @@ def per_token_head_scales(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Returns:
         float32 [num_tokens, num_kv_heads] (x's shape without the last dimension).
     """
-    amax = x.float().abs().amax(dim=-1)
+    amax = x.abs().amax(dim=-1).float()  # exact in x's own dtype
     return (amax / _format_max(dtype)).clamp_min_(MIN_SCALE)
 
 
@@ -318,6 +323,14 @@ def write_kv(
                         k_scale_cache, v_scale_cache)
     if validate:
         _check_slot_values(slot_mapping, key_cache, config.block_size)
+    write_kv_unchecked(key, value, key_cache, value_cache, slot_mapping, config, k_scale, v_scale, k_scale_cache,
+                       v_scale_cache)
+
+
+def write_kv_unchecked(key, value, key_cache, value_cache, slot_mapping, config, k_scale, v_scale, k_scale_cache,
+                       v_scale_cache) -> None:
+    """`write_kv` without its argument checks, for a caller that checked the same tensors once (an engine's
+    per-step loop over layers). Wrong shapes or dtypes here give wrong caches or errors from torch."""
     slots = slot_mapping.long()
     block_size = config.block_size
     pages = torch.div(slots, block_size, rounding_mode="floor")
@@ -327,8 +340,8 @@ def write_kv(
     if mode is KVQuantMode.NONE:
         stored_k, stored_v = key, value
     elif mode is KVQuantMode.FP8_PER_TENSOR:
-        stored_k = quantize(key, k_scale.reshape(()), cache_dtype)
-        stored_v = quantize(value, v_scale.reshape(()), cache_dtype)
+        stored_k = quantize(key, k_scale.reshape(1), cache_dtype)
+        stored_v = quantize(value, v_scale.reshape(1), cache_dtype)
     else:
         row_k = per_token_head_scales(key, cache_dtype)
         row_v = per_token_head_scales(value, cache_dtype)

@@ -89,7 +89,7 @@ import torch
 
 import dispatch
 from dispatch.config import FP8_DTYPES, AttentionConfig, KVQuantMode, canonical_dtype_name, torch_dtype
-from dispatch.kv_cache import calibrate_scale, paged_kv_from_dense, write_kv, zeros_cache
+from dispatch.kv_cache import calibrate_scale, paged_kv_from_dense, write_kv, write_kv_unchecked, zeros_cache
 
 __all__ = [
     "DispatchMask",
@@ -637,6 +637,7 @@ class _Layer:
         self.v_scale_cache: Optional[torch.Tensor] = None
         self.config_key: Optional[tuple] = None
         self.config: Optional[AttentionConfig] = None
+        self.written = False  # write_kv checked these pages once
 
     def scales(self) -> dict:
         names = ("k_scale", "v_scale", "k_scale_cache", "v_scale_cache")
@@ -730,9 +731,15 @@ class _PagedStore:
             # Calibrated once, from this layer's first real tokens (the prefill), then fixed.
             entry.k_scale = calibrate_scale(new_keys, config.kv_cache_dtype, headroom=self.headroom)
             entry.v_scale = calibrate_scale(new_values, config.kv_cache_dtype, headroom=self.headroom)
-        write_kv(new_keys, new_values, entry.key_cache, entry.value_cache, step.slot_mapping, config=config,
-                 k_scale=entry.k_scale, v_scale=entry.v_scale, k_scale_cache=entry.k_scale_cache,
-                 v_scale_cache=entry.v_scale_cache)
+        if entry.written:
+            # The same pages, scales and config as the checked first write; keys and slots are packed here.
+            write_kv_unchecked(new_keys, new_values, entry.key_cache, entry.value_cache, step.slot_mapping, config,
+                               entry.k_scale, entry.v_scale, entry.k_scale_cache, entry.v_scale_cache)
+        else:
+            write_kv(new_keys, new_values, entry.key_cache, entry.value_cache, step.slot_mapping, config=config,
+                     k_scale=entry.k_scale, v_scale=entry.v_scale, k_scale_cache=entry.k_scale_cache,
+                     v_scale_cache=entry.v_scale_cache)
+            entry.written = True
         out = dispatch.attention(_pack(query, step.index), entry.key_cache, entry.value_cache, step.cu_seqlens_q,
                                  step.seq_lens, step.block_table, config=config, sinks=call.sinks, **entry.scales())
         return _unpack(out, step.index, batch, q_length)
@@ -826,10 +833,11 @@ class _PagedStore:
         self.table_changed = True
 
     def _config_for(self, entry: _Layer, call: _Call, query, key, registration: _Registration) -> AttentionConfig:
-        fields = _semantics(call, query, key)
-        config_key = tuple(fields.values())
+        config_key = (query.shape[1], key.shape[1], query.shape[3], query.dtype, call.causal, call.sliding_window,
+                      call.logits_soft_cap, call.softmax_scale, call.sinks is not None)
         if entry.config_key == config_key:
             return entry.config
+        fields = _semantics(call, query, key)
         where = f"layer {entry.index}"
         settings = entry.settings
         if settings is not None:
