@@ -118,15 +118,19 @@ def _check_lengths(starts: list[int], kv_lens: list[int], num_tokens: int) -> li
     return q_lens
 
 
-def _check_pages(pages_needed: list[int], block_table: torch.Tensor, num_blocks: int,
+def _check_pages(kv_lens: list[int], pages_needed: list[int], block_table: torch.Tensor, num_blocks: int,
                  used_columns: torch.Tensor) -> None:
-    """InputError for a table narrower than seq_lens needs, an empty cache, or a used page id not in
-    [0, num_blocks). `used_columns`: bool [num_seqs, max pages needed], True where a sequence reads that column."""
+    """InputError for a table of the wrong height or narrower than seq_lens needs, an empty cache, or a used page
+    id not in [0, num_blocks). `used_columns`: bool [num_seqs, max pages needed], True where a sequence reads that
+    column."""
+    if block_table.shape[0] != len(kv_lens):
+        raise InputError(f"block_table: expected one row per sequence ({len(kv_lens)}, from seq_lens), got shape "
+                         f"{tuple(block_table.shape)}")
     width = block_table.shape[1]
-    for seq, pages in enumerate(pages_needed):
+    for seq, (kv_len, pages) in enumerate(zip(kv_lens, pages_needed)):
         if pages > width:
-            raise InputError(f"block_table: sequence {seq} needs {pages} pages for its seq_lens, but the table has "
-                             f"{width} columns (shape {tuple(block_table.shape)})")
+            raise InputError(f"block_table: sequence {seq} needs {pages} pages for kv_len={kv_len}, but the table "
+                             f"has {width} columns (shape {tuple(block_table.shape)})")
     most = used_columns.shape[1]
     if most == 0:
         return
@@ -299,7 +303,7 @@ def forward(
     most_pages = max(pages_needed, default=0)
     needed = torch.tensor(pages_needed, dtype=torch.long, device=device)
     used_columns = torch.arange(most_pages, device=device)[None, :] < needed[:, None]
-    _check_pages(pages_needed, block_table, key_cache.shape[0], used_columns)
+    _check_pages(kv_lens, pages_needed, block_table, key_cache.shape[0], used_columns)
 
     # K and V are gathered into the dtype the attention runs in; the explicit softmax works in float32, so its
     # 16-bit K/V convert once here (exactly) instead of once per query chunk.

@@ -335,13 +335,15 @@ def _i32(values):
     (lambda i: dict(cu_seqlens_q=_i32([0, 5, 1, 25])), r"cu_seqlens_q: expected non-decreasing offsets, got 5 then 1"),
     (lambda i: dict(cu_seqlens_q=_i32([0, 1, 5, 24])), r"cu_seqlens_q: expected cu_seqlens_q\[-1\] == num_tokens=25"),
     (lambda i: dict(seq_lens=_i32([17, 3, 40])), r"seq_lens: sequence 1 has kv_len=3 < its q_len=4"),
-    (lambda i: dict(seq_lens=_i32([17, 4, 70])), r"block_table: sequence 2 needs 5 pages .* the table has 4 columns"),
+    (lambda i: dict(seq_lens=_i32([17, 4, 70])), r"block_table: sequence 2 needs 5 pages for kv_len=70, but the table has 4 columns"),
     (lambda i: dict(block_table=i.block_table[:, :2].contiguous()),
-     r"block_table: sequence 2 needs 3 pages .* the table has 2 columns"),
+     r"block_table: sequence 2 needs 3 pages for kv_len=40, but the table has 2 columns"),
+    (lambda i: dict(block_table=i.block_table[:2]),
+     r"block_table: expected one row per sequence \(3, from seq_lens\)"),
     (lambda i: dict(key_cache=i.key_cache[:0], value_cache=i.value_cache[:0]),
      r"key_cache: expected at least one block .* got num_blocks=0"),
 ], ids=["cu_start", "cu_decreasing", "cu_end", "seq_shorter_than_q", "seq_lens_beyond_table", "table_too_narrow",
-        "no_blocks"])
+        "table_too_short", "no_blocks"])
 def test_bad_lengths_and_tables_raise_input_error(change, message):
     config, inputs = _bounds_inputs()
     with pytest.raises(InputError, match=message):

@@ -47,9 +47,10 @@ def _largest_during_call(config, q_lens, kv_lens):
 @pytest.mark.parametrize("features", [dict(), dict(use_alibi=True), dict(logits_soft_cap=5.0, use_sinks=True),
                                       dict(sliding_window=100, causal=False)],
                          ids=["causal", "alibi", "softcap_sinks", "window"])
-@pytest.mark.parametrize("dtypes", [dict(q_dtype="float16", kv_cache_dtype="float16"),
-                                    dict(q_dtype="bfloat16", kv_cache_dtype="int8", kv_quant_mode="INT8_PER_TOKEN_HEAD")],
-                         ids=["fp16", "int8"])
+@pytest.mark.parametrize("dtypes", [
+    dict(q_dtype="float16", kv_cache_dtype="float16"),
+    dict(q_dtype="bfloat16", kv_cache_dtype="int8", kv_quant_mode="INT8_PER_TOKEN_HEAD"),
+], ids=["fp16", "int8"])
 def test_long_prefill_stays_within_the_budget(monkeypatch, dtypes, features):
     monkeypatch.setattr(sdpa, "MAX_SCORE_ELEMENTS", BUDGET)
     config = AttentionConfig(num_heads=4, num_kv_heads=2, head_size=16, backend="sdpa", **dtypes, **features)
