@@ -39,4 +39,31 @@ __all__ = [
     "BackendReport",
     "InputError",
     "UnsupportedConfigError",
+    "__version__",
 ]
+
+
+def _version() -> str:
+    """The installed distribution's version; from a source tree with no install (PYTHONPATH), the one
+    pyproject.toml declares."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("attention-dispatch")
+    except importlib.metadata.PackageNotFoundError:
+        import pathlib
+        import tomllib
+
+        try:
+            pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+            return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "0+unknown"
+
+
+def __getattr__(name: str):
+    # Computed on first use, not at import: reading package metadata costs milliseconds.
+    if name == "__version__":
+        globals()["__version__"] = version = _version()
+        return version
+    raise AttributeError(f"module 'dispatch' has no attribute {name!r}")

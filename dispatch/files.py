@@ -225,19 +225,25 @@ def _known_fields(path: pathlib.Path, prefix: str, table: Mapping[str, Any], pro
 _Problem = tuple[str, str, str]  # (field, key path, message)
 
 
+def validation_problems(exc: ValidationError, prefix: str = "") -> list[_Problem]:
+    """Each problem in an AttentionConfig ValidationError as (field, key path, message): one per
+    field, and one per broken cross-field rule (key path `prefix` without its dot, or '(top level)')."""
+    found = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        key_path = f"{prefix}{where}" if where else prefix.rstrip(".") or "(top level)"
+        cause = (error.get("ctx") or {}).get("error")
+        messages = cause.problems if isinstance(cause, ConfigRuleError) else [
+            error["msg"].removeprefix("Value error, ")]
+        found.extend((where, key_path, message) for message in messages)
+    return found
+
+
 def _build(prefix: str, fields: dict) -> tuple[Optional[AttentionConfig], list[_Problem]]:
     try:
         return AttentionConfig(**fields), []
     except ValidationError as exc:
-        found = []
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"])
-            key_path = f"{prefix}{where}" if where else prefix.rstrip(".") or "(top level)"
-            cause = (error.get("ctx") or {}).get("error")
-            messages = cause.problems if isinstance(cause, ConfigRuleError) else [
-                error["msg"].removeprefix("Value error, ")]
-            found.extend((where, key_path, message) for message in messages)
-        return None, found
+        return None, validation_problems(exc, prefix)
 
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")

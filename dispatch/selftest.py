@@ -5,7 +5,8 @@ quantization mode and each feature, every registered backend either runs and
 is compared with the float64 oracle (`dispatch.reference.reference_attention`,
 the same one the test suite trusts), or is refused with its reasons.
 A result is `pass`, `refused` (with the first reason) or `fail`; the exit
-code is 1 when anything fails, so the command can gate an install.
+code is 1 when anything fails or nothing passes (a machine where every backend
+is refused has checked nothing), so the command can gate an install.
 
 The comparison is the relative error ||out - ref|| / ||ref|| against a bound
 of 4 units of roundoff of the least precise step the backend takes (its
@@ -30,7 +31,7 @@ from dispatch.selector import explain
 from dispatch.reference import reference_attention
 from dispatch.testing import make_inputs, output_as_real, unit_roundoff
 
-__all__ = ["SELFTEST_CASES", "SelftestResult", "run_selftest", "format_results"]
+__all__ = ["SELFTEST_CASES", "SelftestResult", "run_selftest", "format_results", "exit_code"]
 
 # Every mode, every feature, GQA, an fp8 output: the table's "selftest" cases.
 SELFTEST_CASES: tuple[Case, ...] = cases("selftest")
@@ -91,6 +92,13 @@ def format_results(results: list[SelftestResult], device: str) -> str:
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "refused", "fail")}
     lines.append(f"{counts['pass']} passed, {counts['fail']} failed, {counts['refused']} refused")
     return "\n".join(lines)
+
+
+def exit_code(results: list[SelftestResult]) -> int:
+    """1 when any result failed or none passed (every backend refused: nothing was checked), else 0."""
+    if any(r.status == "fail" for r in results) or not any(r.status == "pass" for r in results):
+        return 1
+    return 0
 
 
 def results_as_dicts(results: list[SelftestResult]) -> list[dict]:

@@ -95,3 +95,126 @@ def test_selftest_on_cpu(extra):
         assert statuses[("fp8q-fp8kv-per-tensor", "sdpa")] == "pass"
     else:
         assert "fp8q-fp8kv-per-tensor" in result.stdout and " 0 failed" in result.stdout
+
+
+def no_traceback(result):
+    return "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+
+def test_version_matches_the_project_metadata():
+    import tomllib
+
+    import dispatch
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert dispatch.__version__ == version
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"attention-dispatch {version}"
+
+
+def test_version_without_installed_metadata_falls_back_to_pyproject(tmp_path):
+    """Run from a source tree on PYTHONPATH (the GPU machine does), with no distribution installed."""
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    code = ("import importlib.metadata as m\n"
+            "def missing(name):\n    raise m.PackageNotFoundError(name)\n"
+            "m.version = missing\n"
+            "import dispatch\nprint(dispatch.__version__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == version, result.stderr
+
+
+def test_license_and_typing_marker_ship_with_the_package():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License\n") and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text  # the full text, not a pointer to it
+    assert (ROOT / "dispatch" / "py.typed").is_file()
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["dispatch"]
+
+
+def test_explain_a_missing_file_says_so():
+    result = run("explain", "nonexist.toml")
+    assert result.returncode == 1 and no_traceback(result)
+    assert result.stderr.strip() == "error: nonexist.toml: no such config file"
+    result = run("check", "nonexist.toml")
+    assert result.returncode == 1 and result.stdout.strip() == "nonexist.toml: no such config file"
+
+
+@pytest.mark.parametrize("command", [["explain", "num_heads=8", "num_kv_heads=2", "head_size=64"], ["selftest"]])
+def test_an_unknown_device_is_one_line(command):
+    result = run(*command, "--device", "tpu")
+    assert result.returncode == 2 and no_traceback(result), result.stderr
+    assert result.stderr.strip() == "error: device: expected 'cpu', 'cuda' or 'cuda:N', got 'tpu'"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_selftest_on_a_missing_device_fails():
+    result = run("selftest", "--device", "cuda")
+    assert result.returncode == 2 and no_traceback(result)
+    assert result.stderr.strip().startswith("error: --device cuda: CUDA is not available here")
+    data = json.loads(run("selftest", "--device", "cuda", "--json").stdout)
+    assert data["error"].startswith("--device cuda: CUDA is not available here")
+
+
+def test_selftest_exits_nonzero_when_nothing_ran(monkeypatch, capsys):
+    from dispatch import __main__ as cli
+    from dispatch import selftest
+
+    refused = [selftest.SelftestResult("fp16", name, "refused", "not here") for name in ("triton", "sdpa")]
+    monkeypatch.setattr(selftest, "run_selftest", lambda device: refused)
+    assert cli.main(["selftest", "--device", "cpu"]) == 1
+    out = capsys.readouterr()
+    assert "0 passed, 0 failed, 2 refused" in out.out
+    assert "error: no backend passed a single config on cpu" in out.err
+    assert selftest.exit_code(refused) == 1
+    assert selftest.exit_code(refused + [selftest.SelftestResult("bf16", "sdpa", "pass", "ok")]) == 0
+    assert selftest.exit_code([selftest.SelftestResult("bf16", "sdpa", "pass", "ok"),
+                               selftest.SelftestResult("fp16", "sdpa", "fail", "wrong")]) == 1
+
+
+@pytest.mark.parametrize("args", [["explain", "{path}"], ["explain", "num_heads=True", "num_kv_heads=1", "head_size=64"]])
+def test_json_output_carries_the_error(tmp_path, args):
+    path = tmp_path / "bad.toml"
+    path.write_text("num_heads = 8\nnum_kv_heads = 3\nhead_size = 64\n")
+    result = run(*[a.format(path=path) for a in args], "--device", "cpu", "--json")
+    assert result.returncode == 1 and no_traceback(result), result.stderr
+    data = json.loads(result.stdout)
+    assert data["ok"] is False and data["error"]
+    assert "num_heads" in data["error"]
+
+
+def test_check_reports_every_problem_and_unknown_backends(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('num_heads = 8\nnum_kv_heads = 2\nhead_size = 64\nbackend = "flashinfr"\nblok_size = 16\n'
+                    '[profiles.x]\ncausal = "yes"\n')
+    result = run("check", str(path))
+    assert result.returncode == 1 and no_traceback(result)
+    assert result.stdout.splitlines() == [
+        f"{path}: blok_size: unknown key 'blok_size'; did you mean 'block_size'?",
+        f"{path}: profiles.x.causal: expected true or false, got 'yes' (str)",
+        f"{path}: backend: unknown backend 'flashinfr'; did you mean 'flash_attn'?",
+    ]
+    data = json.loads(run("check", str(path), "--json").stdout)
+    assert data["ok"] is False and data["problems"] == result.stdout.splitlines()
+    # The same file with a known backend name: explain, which selects, agrees with check.
+    path.write_text('num_heads = 8\nnum_kv_heads = 2\nhead_size = 64\nbackend = "flashinfr"\n')
+    assert run("check", str(path)).returncode == 1
+    assert run("explain", str(path), "--device", "cpu").returncode == 1
+
+
+def test_output_into_a_closed_pipe_is_quiet():
+    """`python -m dispatch list | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPATCH_BACKEND", "DISPATCH_CONFIG")}
+    proc = subprocess.Popen([sys.executable, "-m", "dispatch", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    proc.stdout.close()  # before the command writes anything: its first write meets a closed pipe
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    proc.stderr.close()
+    assert stderr == "", stderr
+    assert proc.returncode == 141  # what a shell reports for a tool ended by SIGPIPE (128 + 13)
