@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import functools
 import json
 import os
 import pathlib
@@ -277,6 +278,10 @@ class LoadedFile:
     layer_ranges: tuple[tuple[int, int, str], ...]
     other_layers: Optional[str]  # the profile of '*', if given
 
+    @functools.cached_property
+    def _layer_starts(self) -> list[int]:
+        return [first for first, _, _ in self.layer_ranges]
+
     @property
     def mapped_layers(self) -> int:
         """How many layers the explicit ranges name."""
@@ -287,7 +292,7 @@ class LoadedFile:
             raise ValueError(f"layer: expected a non-negative layer index, got {layer!r}")
         if not self.layer_ranges and self.other_layers is None:
             return self.profiles[DEFAULT_PROFILE]
-        i = bisect.bisect_right([first for first, _, _ in self.layer_ranges], layer) - 1
+        i = bisect.bisect_right(self._layer_starts, layer) - 1
         name = self.layer_ranges[i][2] if i >= 0 and layer <= self.layer_ranges[i][1] else self.other_layers
         if name is None:
             covered = f"0-{self.layer_ranges[-1][1]}" if self.layer_ranges else "none"
@@ -313,14 +318,16 @@ def _layer_map(path: pathlib.Path, raw_layers: Any, declared: Sequence[str],
         if problem:
             problems.append(f"{path}: layers.{key}: {problem}")
             continue
-        clash = next(((max(a, first), owner) for a, b in ranges for first, last, owner in taken
-                      if a <= last and first <= b), None)
-        if clash is not None:
-            problems.append(f"{path}: layers.{key}: layer {clash[0]} is already mapped to {clash[1]!r} "
-                            "(ranges overlap)")
-            continue
-        taken.extend((a, b, name) for a, b in ranges)
-    taken.sort()
+        for a, b in ranges:  # against earlier keys and earlier parts of this key ("0-3,2-5")
+            # `taken` stays sorted and disjoint, so only the neighbours of a's place can overlap [a, b].
+            i = bisect.bisect_left(taken, (a,))
+            clash = next(((max(a, first), owner) for first, last, owner in taken[max(i - 1, 0):i + 1]
+                          if a <= last and first <= b), None)
+            if clash is not None:
+                problems.append(f"{path}: layers.{key}: layer {clash[0]} is already mapped to {clash[1]!r} "
+                                "(ranges overlap)")
+                break
+            taken.insert(i, (a, b, name))
     if taken and other_layers is None:
         gaps, expected = [], 0
         for first, last, _ in taken:

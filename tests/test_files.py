@@ -119,6 +119,8 @@ def test_examples_load(name):
          "(top level): num_heads=8 must be a multiple of num_kv_heads=3"),
         ('num_heads = 8\nnum_kv_heads = 2\nhead_size = 64\n[layers]\n"0-3" = "default"\n"3-4" = "default"\n',
          "layers.3-4: layer 3 is already mapped to 'default' (ranges overlap)"),
+        ('num_heads = 8\nnum_kv_heads = 2\nhead_size = 64\n[layers]\n"0-3,2-5" = "default"\n',
+         "layers.0-3,2-5: layer 2 is already mapped to 'default' (ranges overlap)"),
         ('num_heads = 8\nnum_kv_heads = 2\nhead_size = 64\n[layers]\n"0-1" = "default"\n"4" = "default"\n',
          "layers: layers 2-3 are not mapped; map them or add '*' for the rest"),
         ('num_heads = 8\nnum_kv_heads = 2\nhead_size = 64\n[layers]\n"0" = "decod"\n[profiles.decode]\n',
