@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -502,22 +503,16 @@ def _attend_dense(name: str, query, key, value, call: _Call) -> torch.Tensor:
         extra = {"backend": registration.backend} if registration.backend else {}
         config = AttentionConfig(**fields, kv_cache_dtype=fields["q_dtype"], **extra)
         dispatch.select(config, query.device)  # refuse here, with every backend's reasons
+        if len(_DENSE_CONFIGS) >= 1024:  # a model has few; the bound keeps a pathological caller from growing it
+            _DENSE_CONFIGS.clear()
         _DENSE_CONFIGS[config_key] = config
     keys = [key[b, :, starts[b]:starts[b] + totals[b]].transpose(0, 1) for b in range(batch)]
     values = [value[b, :, starts[b]:starts[b] + totals[b]].transpose(0, 1) for b in range(batch)]
     paged = paged_kv_from_dense(keys, values, config=config)
-    cu = torch.tensor([0] + list(_cumsum(counts)), dtype=torch.int32, device=query.device)
+    cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=query.device)
     out = dispatch.attention(_pack(query, index), paged.key_cache, paged.value_cache, cu, paged.seq_lens,
                              paged.block_table, config=config, sinks=call.sinks)
     return _unpack(out, index, batch, q_length)
-
-
-def _cumsum(values: Sequence[int]) -> list[int]:
-    total, out = 0, []
-    for v in values:
-        total += v
-        out.append(total)
-    return out
 
 
 # ---- per-layer settings from the model -------------------------------------------------------------------
@@ -752,6 +747,11 @@ class _PagedStore:
                     f"PagedKVCache: layer {layer} got {batch} x {q_length} queries in a step that started with "
                     f"{step.batch} x {step.q_length}")
         else:
+            if step is not None and len(step.done) != len(self.layers):
+                # Its tokens are in some layers' pages and not in others': reading on would be wrong.
+                raise UnsupportedModelError(
+                    f"PagedKVCache: the previous forward attended {len(step.done)} of {len(self.layers)} layers (it "
+                    "failed part-way); call cache.reset() and run the batch again")
             step = self.step = self._new_step(call, batch, q_length, device)
         step.done.add(layer)
         return step

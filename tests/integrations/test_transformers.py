@@ -554,6 +554,27 @@ def test_paged_cache_refuses_what_it_cannot_hold():
         paged(model, "fp8_per_token_head", k_scale=0.1, v_scale=0.1)
 
 
+def test_a_forward_that_failed_part_way_is_not_built_upon():
+    model = build(SDPA)
+    cache = paged(model)
+    ids = token_ids()
+    layer = model.model.layers[0].mlp  # after layer 0's attention, before layer 1's
+    original = layer.forward
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    layer.forward = failing
+    with torch.no_grad(), pytest.raises(RuntimeError, match="simulated"):
+        model(ids[:, :PROMPT], **dispatch_hf.cache_argument(model, cache))
+    layer.forward = original
+    with torch.no_grad(), pytest.raises(dispatch_hf.UnsupportedModelError, match="attended 1 of 2 layers"):
+        model(ids[:, :PROMPT], **dispatch_hf.cache_argument(model, cache))
+    cache.reset()
+    reference = stepwise_logits(model, ids, paged(model))
+    assert torch.equal(stepwise_logits(model, ids, cache), reference)
+
+
 def test_reset_frees_the_pages_for_a_new_batch():
     model = build(SDPA)
     cache = paged(model, "fp8_per_tensor")
