@@ -151,14 +151,14 @@ def _weights(make_config, layers):
     return model.state_dict()
 
 
-def build(implementation, dtype=torch.float16, make_config=llama_config, layers=2, **extra):
+def build(implementation, dtype=torch.float16, make_config=llama_config, layers=2, device="cpu", **extra):
     """A model with the shared seeded weights of (make_config, layers), in eval mode."""
     config = make_config(layers) if make_config is llama_config else make_config()
     for name, value in extra.items():
         setattr(config, name, value)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=dtype)
     model.load_state_dict(_weights(make_config, layers if make_config is llama_config else None))
-    return model.eval()
+    return model.to(device).eval()
 
 
 def token_ids(rows=2, length=TOTAL, seed=5):
@@ -168,17 +168,18 @@ def token_ids(rows=2, length=TOTAL, seed=5):
 def stepwise_logits(model, ids, cache, prompt=PROMPT, after_prefill=None):
     """Prefill ids[:, :prompt], then feed the rest one token at a time (as generate does, with a growing mask):
     float64 logits [B, T, V]."""
-    rows = ids.shape[0]
+    rows, device = ids.shape[0], model.device
+    ids = ids.to(device)
     cache_kw = dispatch_hf.cache_argument(model, cache)
     with torch.no_grad():
-        logits = [model(input_ids=ids[:, :prompt], attention_mask=torch.ones(rows, prompt, dtype=torch.long),
-                        **cache_kw).logits]
+        logits = [model(input_ids=ids[:, :prompt], attention_mask=torch.ones(rows, prompt, dtype=torch.long,
+                                                                              device=device), **cache_kw).logits]
         if after_prefill is not None:
             after_prefill(cache)
         for t in range(prompt, ids.shape[1]):
-            logits.append(model(input_ids=ids[:, t:t + 1], attention_mask=torch.ones(rows, t + 1, dtype=torch.long),
-                                **cache_kw).logits)
-    return torch.cat(logits, dim=1).double()
+            mask = torch.ones(rows, t + 1, dtype=torch.long, device=device)
+            logits.append(model(input_ids=ids[:, t:t + 1], attention_mask=mask, **cache_kw).logits)
+    return torch.cat(logits, dim=1).double().cpu()
 
 
 def reference_logits(ids, make_config=llama_config, layers=2, dtype=torch.float64, **extra):
@@ -251,9 +252,9 @@ def emulate(mode: str, options: dict, exact_attention=False):
     Emulation.set(KVQuantMode(mode), dtype, given, exact_attention)
 
 
-def emulation_logits(ids, mode, options, layers, exact_attention=False):
+def emulation_logits(ids, mode, options, layers, exact_attention=False, dtype=torch.float16, device="cpu"):
     emulate(mode, options, exact_attention)
-    model = build(EMULATION, layers=layers)
+    model = build(EMULATION, dtype, layers=layers, device=device)
     return stepwise_logits(model, ids, transformers.DynamicCache(config=model.config))
 
 
@@ -585,3 +586,31 @@ def test_reset_frees_the_pages_for_a_new_batch():
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.used_bytes() == 0
     assert torch.equal(stepwise_logits(model, ids, cache), first)
+
+
+# ---- on a GPU: bfloat16, the backend auto picks (the Triton kernel on an H100 / H200) ---------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_sixteen_bit_cache_matches_eager():
+    ids = token_ids()
+    reference = reference_logits(ids)
+    eager = build("eager", torch.bfloat16, device="cuda")
+    yardstick = max_error(stepwise_logits(eager, ids, transformers.DynamicCache(config=eager.config)), reference)
+    dispatch_hf.register("dispatch_auto_backend")
+    model = build("dispatch_auto_backend", torch.bfloat16, device="cuda")
+    cache = paged(model)
+    error = max_error(stepwise_logits(model, ids, cache), reference)
+    assert within(error, yardstick), f"dispatch {error:.4g} vs eager bfloat16 {yardstick:.4g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,options", QUANTIZED)
+def test_gpu_bf16_quantized_cache_matches_its_emulation(mode, options):
+    ids = token_ids()
+    reference = emulation_logits(ids, mode, options, 1, True, torch.bfloat16, "cuda")
+    yardstick = max_error(emulation_logits(ids, mode, options, 1, False, torch.bfloat16, "cuda"), reference)
+    dispatch_hf.register("dispatch_auto_backend")
+    model = build("dispatch_auto_backend", torch.bfloat16, layers=1, device="cuda")
+    error = max_error(stepwise_logits(model, ids, paged(model, mode, **options)), reference)
+    assert within(error, yardstick), f"dispatch {error:.4g} vs emulation bfloat16 {yardstick:.4g}"
