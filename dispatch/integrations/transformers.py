@@ -897,8 +897,9 @@ def _model_parts(model) -> tuple[Any, Optional[torch.dtype], Optional[torch.devi
     return model, None, None
 
 
-def _layer_policies(config, kv_mode, fp8_dtype: str, backend: Optional[str], config_file, block_size: int,
+def _layer_policies(kv_mode, fp8_dtype: str, backend: Optional[str], config_file, block_size: int,
                     num_layers: int) -> list[_Policy]:
+    """Each layer's KV mode, cache dtype and backend: the same for all, or from a config file's layers map."""
     if config_file is None:
         mode = _kv_mode(kv_mode if kv_mode is not None else KVQuantMode.NONE)
         cache_dtype = {KVQuantMode.NONE: None, KVQuantMode.FP8_PER_TENSOR: fp8_dtype,
@@ -1065,7 +1066,7 @@ def _cache_class():
                 raise UnsupportedModelError(f"PagedKVCache: the model runs in {dtype}; dispatch runs float16 and "
                                             "bfloat16 models (load it with dtype=torch.bfloat16)")
             settings = model_layer_settings(config)
-            policies = _layer_policies(config, kv_mode, fp8_name, backend, config_file, block_size, num_layers)
+            policies = _layer_policies(kv_mode, fp8_name, backend, config_file, block_size, num_layers)
             given = None
             if k_scale is not None or v_scale is not None:
                 if k_scale is None or v_scale is None:
