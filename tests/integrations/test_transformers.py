@@ -342,7 +342,9 @@ def test_left_padded_batch_matches_single_runs(mode):
     """Rows of 5, 14 and 17 tokens (around the page edge), left-padded to 17: each row generates what it
     generates alone, with the same logits to float16 rounding (pad tokens never enter the cache). The
     yardstick is eager float16's error on that row against float64, along the generated tokens."""
-    gen = torch.Generator().manual_seed(11)
+    # A seed whose greedy steps have no near-tie in any mode (top-2 logit gap > 0.12), so equal tokens are
+    # expected of any two runs within float16 rounding of each other.
+    gen = torch.Generator().manual_seed(32)
     prompts = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (5, 14, 17)]
     model = build(SDPA)
     ids, mask = left_padded(prompts)
@@ -365,7 +367,7 @@ def test_left_padded_batch_matches_single_runs(mode):
 
 def test_dense_path_without_a_paged_cache():
     """No PagedKVCache: a padded forward without a cache, and generate() with transformers' DynamicCache."""
-    gen = torch.Generator().manual_seed(12)
+    gen = torch.Generator().manual_seed(15)  # a seed whose greedy steps have no near-tie (top-2 gap > 0.1)
     prompts = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (3, 9)]
     ids, mask = left_padded(prompts)
     model, eager = build(SDPA), build("eager")
