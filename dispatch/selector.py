@@ -134,6 +134,14 @@ def _report(name: str, config: AttentionConfig, device: DeviceInfo) -> BackendRe
     return BackendReport(name, available=available, supported=not why, reasons=tuple(why), description=description)
 
 
+def _installed(name: str) -> bool:
+    """Whether backend `name` is registered and its modules import here (a speed rule's `needs`)."""
+    if name not in registry.backend_names():
+        return False
+    entry = registry.get_backend(name)
+    return not isinstance(entry, str) and not missing_modules(entry.capability.required_modules)
+
+
 def _effective(config: AttentionConfig, override: Override, device: DeviceInfo,
                workload: Optional[str]) -> tuple[str, tuple[str, ...], Optional[SpeedRule]]:
     """(backend requested, order auto walks, the speed rule behind that order) once a `dispatch.use()`
@@ -152,7 +160,7 @@ def _effective(config: AttentionConfig, override: Override, device: DeviceInfo,
         order = tuple(override.order)
     else:
         order = registry.default_order()
-        rule = rule_for(config, device, workload) if requested == "auto" else None
+        rule = rule_for(config, device, workload, _installed) if requested == "auto" else None
         if rule is not None:
             names = registry.backend_names()
             first = tuple(name for name in rule.order if name in names)

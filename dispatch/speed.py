@@ -19,7 +19,7 @@ section named in each rule's `evidence`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from dispatch.capabilities import DeviceInfo
 from dispatch.config import AttentionConfig, KVQuantMode
@@ -68,6 +68,9 @@ class SpeedRule:
     cache: str  # "16-bit" | "quantized"
     order: tuple[str, ...]
     evidence: str
+    # Backends that must be installed for the measurement to hold (dequant was timed with FlashAttention 4
+    # inside; with the Triton kernel inside it only adds work). Without them the rule does not apply.
+    needs: tuple[str, ...] = ()
 
     def matches(self, config: AttentionConfig, family: Optional[str], workload: Optional[str]) -> bool:
         return (self.gpu_family == family and self.workload == workload and self.query == _query_kind(config)
@@ -80,20 +83,29 @@ class SpeedRule:
 
 SPEED_RULES: tuple[SpeedRule, ...] = (
     SpeedRule("sm90", "prefill", "16-bit", "16-bit", ("flash_attn", "triton"),
-              "H200, causal bf16 prefill, 32/8 heads, head size 128, block size 16: FA4 488-576 TFLOP/s vs "
-              "triton 379-429 (0.745-0.78 x); RESULTS.md, 2026-11-27 third session"),
+              "H200, causal bf16 prefill, 32/8 heads, head size 128, block size 16: FA4 554 / 573 / 450 TFLOP/s "
+              "vs triton 361 / 426 / 325 (4 x 4k / 1 x 16k / 2 prefills of 2k + 62 decodes); RESULTS.md, "
+              "2026-12-01"),
     SpeedRule("sm90", "decode", "16-bit", "16-bit", ("triton", "flash_attn"),
-              "H200, bf16 decode 64 x 8192, block size 16: triton 0.570 ms vs FA4 0.592 ms (1.04 x); "
-              "8 x 32768 0.390 vs 0.565 ms; RESULTS.md, 2026-11-27 third session"),
+              "H200, bf16 decode, block size 16: triton 0.506 ms vs FA4 0.588 ms (64 x 8k), 0.336 vs 0.541 ms "
+              "(8 x 32k); RESULTS.md, 2026-12-01"),
+    # Decode keeps the default order: dequantizing whole contexts costs more than reading them quantized
+    # (64 x 8k fp8: dequant 1.70 ms vs triton 0.41 ms).
+    SpeedRule("sm90", "prefill", "16-bit", "quantized", ("dequant", "triton"),
+              "H200, causal prefill with a bf16 query, block size 16, TFLOP/s dequant (+FA4) vs triton: 4 x 4k "
+              "fp8 424 vs 271, fp8 per-token-head 512 vs 160, int8 per-token-head 373 vs 162; 1 x 16k 617 / 566 "
+              "/ 572 vs 323 / 183 / 172; 2 prefills of 2k + 62 decodes 282 / 280 / 264 vs 216 / 135 / 124; "
+              "RESULTS.md, 2026-12-01", needs=("flash_attn",)),
 )
 
 
-def rule_for(config: AttentionConfig, device: DeviceInfo, workload: Optional[str]) -> Optional[SpeedRule]:
-    """The first rule that matches (config, device, workload), or None."""
+def rule_for(config: AttentionConfig, device: DeviceInfo, workload: Optional[str],
+             installed: Callable[[str], bool] = lambda name: True) -> Optional[SpeedRule]:
+    """The first rule that matches (config, device, workload) and whose `needs` are `installed`, or None."""
     if workload is None:
         return None
     family = gpu_family(device)
     for rule in SPEED_RULES:
-        if rule.matches(config, family, workload):
+        if rule.matches(config, family, workload) and all(installed(name) for name in rule.needs):
             return rule
     return None

@@ -89,3 +89,16 @@ def test_attention_with_max_query_len_runs_the_rule_backend(monkeypatch):
         assert explanation.chosen == "fast_prefill" and "a test rule" in str(explanation)
     finally:
         dispatch.unregister_backend("fast_prefill")
+
+
+def test_a_rule_whose_needs_are_not_installed_does_not_apply():
+    """Quantized-cache prefill goes through dequant only where FlashAttention 4 is there to run inside it."""
+    config = AttentionConfig(num_heads=32, num_kv_heads=8, head_size=128, kv_cache_dtype="float8_e4m3fn",
+                             kv_quant_mode="FP8_PER_TENSOR")
+    rule = speed.rule_for(config, H200, "prefill")
+    assert rule is not None and rule.order[0] == "dequant" and rule.needs == ("flash_attn",)
+    assert speed.rule_for(config, H200, "prefill", installed=lambda name: False) is None
+    assert speed.rule_for(config, H200, "decode") is None  # decode keeps the default order
+    flash_installed = dispatch.explain(BF16, H200).report("flash_attn").available
+    explanation = dispatch.explain(config, H200, workload="prefill")
+    assert (explanation.speed_rule == rule) == flash_installed

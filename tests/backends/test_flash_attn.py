@@ -587,3 +587,12 @@ def test_older_versions_where_installed(version, fields):
     errors = {"flash_attn": (out - judge).abs().max().item(),
               "pytorch": (same_precision_attention(inputs, config) - judge).abs().max().item()}
     assert_within_flash_attn_rule(Outcome(config, out, judge, {}, errors))
+
+
+def test_fa4_refuses_non_causal_head_sizes_measured_wrong():
+    """Non-causal head_size 80 gave max errors of 0.27 on an H200 (GPU parity); multiples of 32 stay."""
+    assert why(flash.FA4_CAPABILITY, cfg(head_size=80, causal=False)) == [
+        "causal=False with head_size=80: FlashAttention 4 (4.0.0b36) computed non-causal head_size 80 wrongly on an "
+        "H200 (GPU parity matrix); non-causal needs a head_size multiple of 32"]
+    assert why(flash.FA4_CAPABILITY, cfg(head_size=80)) == []
+    assert why(flash.FA4_CAPABILITY, cfg(head_size=96, causal=False)) == []
