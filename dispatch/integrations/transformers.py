@@ -510,8 +510,9 @@ def _attend_dense(name: str, query, key, value, call: _Call) -> torch.Tensor:
     values = [value[b, :, starts[b]:starts[b] + totals[b]].transpose(0, 1) for b in range(batch)]
     paged = paged_kv_from_dense(keys, values, config=config)
     cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=query.device)
+    # q_length bounds every row's query on the host: auto may take the backend measured fastest for it.
     out = dispatch.attention(_pack(query, index), paged.key_cache, paged.value_cache, cu, paged.seq_lens,
-                             paged.block_table, config=config, sinks=call.sinks)
+                             paged.block_table, config=config, sinks=call.sinks, max_query_len=q_length)
     return _unpack(out, index, batch, q_length)
 
 
@@ -735,8 +736,11 @@ class _PagedStore:
                      k_scale=entry.k_scale, v_scale=entry.v_scale, k_scale_cache=entry.k_scale_cache,
                      v_scale_cache=entry.v_scale_cache)
             entry.written = True
+        # q_length bounds every row's query on the host (the engine's max_query_len): prefill steps may run
+        # on the backend measured fastest for prefill (dispatch/speed.py), decode steps on the decode one.
         out = dispatch.attention(_pack(query, step.index), entry.key_cache, entry.value_cache, step.cu_seqlens_q,
-                                 step.seq_lens, step.block_table, config=config, sinks=call.sinks, **entry.scales())
+                                 step.seq_lens, step.block_table, config=config, sinks=call.sinks,
+                                 max_query_len=q_length, **entry.scales())
         return _unpack(out, step.index, batch, q_length)
 
     def _step_for(self, layer: int, call: _Call, batch: int, q_length: int, device: torch.device) -> _Step:
