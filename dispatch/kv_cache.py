@@ -76,6 +76,14 @@ _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _ONE_BYTE_FLOATS = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def _divide_exactly(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
+    """numerator / denominator, correctly rounded on every device. On CUDA, PyTorch divides a tensor by a
+    Python number as a multiplication by its reciprocal, which can differ in the last bit from the CPU's
+    division (per-token-head fp8 pages written on an H200 differed from the CPU's: the likely cause); a
+    divisor tensor on the numerator's device is a true division on both."""
+    return numerator / torch.full((1,), denominator, dtype=numerator.dtype, device=numerator.device)
+
+
 def _format_max(dtype: torch.dtype) -> float:
     try:
         return FORMAT_MAX[dtype]
@@ -117,7 +125,7 @@ def per_token_head_scales(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         float32 [num_tokens, num_kv_heads] (x's shape without the last dimension).
     """
     amax = x.abs().amax(dim=-1).float()  # exact in x's own dtype
-    return (amax / _format_max(dtype)).clamp_min_(MIN_SCALE)
+    return _divide_exactly(amax, _format_max(dtype)).clamp_min_(MIN_SCALE)
 
 
 def calibrate_scale(x: torch.Tensor, kv_cache_dtype: Union[str, torch.dtype], *, headroom: float = 1.0) -> torch.Tensor:
@@ -141,7 +149,7 @@ def calibrate_scale(x: torch.Tensor, kv_cache_dtype: Union[str, torch.dtype], *,
 
     dtype = kv_cache_dtype if isinstance(kv_cache_dtype, torch.dtype) else torch_dtype(kv_cache_dtype)
     amax = x.detach().float().abs().amax().reshape(1)
-    return (amax * headroom / _format_max(dtype)).clamp_min_(MIN_SCALE)
+    return _divide_exactly(amax * headroom, _format_max(dtype)).clamp_min_(MIN_SCALE)
 
 
 def slots_for(block_table: torch.Tensor, seq_index: torch.Tensor, positions: torch.Tensor,

@@ -72,10 +72,11 @@ class Emulation:
 
 
 def fake_quantize(x: torch.Tensor, which: str, layer: int) -> torch.Tensor:
-    """x [B, Hkv, S, D] -> dequantized(quantized(x)) in x's dtype."""
+    """x [B, Hkv, S, D] -> dequantized(quantized(x)) in float64, exactly stored * scale (the values
+    dispatch's caches mean; the model's own attention rounds them to its dtype)."""
     mode, dtype = Emulation.mode, Emulation.dtype
     if mode is KVQuantMode.NONE:
-        return x
+        return x.double()
     fmax = FORMAT_MAX[dtype]
     if mode is KVQuantMode.FP8_PER_TENSOR:
         if Emulation.given is not None:
@@ -95,7 +96,7 @@ def fake_quantize(x: torch.Tensor, which: str, layer: int) -> torch.Tensor:
         stored = quotient.round().clamp(-127, 127)
     else:
         stored = quotient.clamp(-fmax, fmax).to(dtype).double()
-    return (stored * scale).to(x.dtype)
+    return stored * scale
 
 
 def emulation_attention(module, query, key, value, attention_mask, **kwargs):
@@ -104,10 +105,14 @@ def emulation_attention(module, query, key, value, attention_mask, **kwargs):
     key = fake_quantize(key, "k", module.layer_idx)
     value = fake_quantize(value, "v", module.layer_idx)
     if Emulation.exact_attention:
+        # The reference: float64 attention over the exact dequantized keys and values. (Rounding them to
+        # the model's dtype first would make the reference itself off by a bfloat16 rounding of every key.)
         mask = None if attention_mask is None else attention_mask.double()
-        out, _ = eager_attention_forward(module, query.double(), key.double(), value.double(), mask, **kwargs)
+        out, _ = eager_attention_forward(module, query.double(), key, value, mask, **kwargs)
         return out.to(query.dtype), None
-    return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    # The yardstick: the model's own eager attention in its dtype on the dequantized cache.
+    return eager_attention_forward(module, query, key.to(query.dtype), value.to(query.dtype), attention_mask,
+                                   **kwargs)
 
 
 @pytest.fixture(scope="module", autouse=True)
