@@ -33,7 +33,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -41,6 +40,7 @@ from dispatch.capabilities import DeviceInfo, reasons
 from dispatch.cases import case
 from dispatch.config import AttentionConfig, KVQuantMode
 from tests.cases import AttentionInputs, assert_close_to_oracle, make_inputs, output_as_real
+from tests.interpreter_patches import round_fp8_like_the_gpu
 from tests.oracle import reference_attention
 
 import backends.triton as triton_backend
@@ -157,20 +157,7 @@ def gpu_like_fp8_rounding(monkeypatch):
     next power of two (1.97 -> 1.0); the GPU's cvt.rn.satfinite rounds to
     nearest even and saturates at +-448. Only that one conversion is replaced.
     """
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter._convert_float
-    numpy_float = {tl.float32: np.float32, tl.float16: np.float16}
-
-    def convert(input, input_dtype, output_dtype, rounding_mode):
-        if output_dtype == tl.float8e4nv and input_dtype in numpy_float:
-            values = torch.from_numpy(np.ascontiguousarray(input).view(numpy_float[input_dtype]).astype(np.float32))
-            fp8 = values.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-            return fp8.view(torch.uint8).numpy().reshape(input.shape)
-        return original(input, input_dtype, output_dtype, rounding_mode)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert)
+    round_fp8_like_the_gpu(monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import torch
+
+from tests.interpreter_patches import round_fp8_like_the_gpu
 
 # A tiny Llama whose attention matches the tests' layer (4 query heads, 2 KV heads, head size 32).
 # No weights: ModelConfig reads only config.json (HF_HUB_OFFLINE=1 keeps it off the network).
@@ -52,17 +52,4 @@ def gpu_like_fp8_rounding(monkeypatch):
     this its CPU result is wrong where the GPU's is right. Same patch as
     tests/backends/test_triton.py; the kernels are unchanged.
     """
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter._convert_float
-    numpy_float = {tl.float32: np.float32, tl.float16: np.float16}
-
-    def convert(input, input_dtype, output_dtype, rounding_mode):
-        if output_dtype == tl.float8e4nv and input_dtype in numpy_float:
-            values = torch.from_numpy(np.ascontiguousarray(input).view(numpy_float[input_dtype]).astype(np.float32))
-            fp8 = values.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-            return fp8.view(torch.uint8).numpy().reshape(input.shape)
-        return original(input, input_dtype, output_dtype, rounding_mode)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert)
+    round_fp8_like_the_gpu(monkeypatch)
