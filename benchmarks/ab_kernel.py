@@ -36,6 +36,18 @@ def load_kernel_module(path: str):
     return module
 
 
+def time_interleaved(launches: list, rounds: int, runs: int) -> list[list[float]]:
+    """Per launch, its median time (ms) in each round; every round times every launch once, starting
+    at a rotating index, so a card that drifts during the sweep drifts for all of them alike."""
+    timer = Timer("cuda", warmup=2, runs=runs)
+    samples = [[] for _ in launches]
+    for round_index in range(rounds):
+        shift = round_index % len(launches)
+        for index in list(range(shift, len(launches))) + list(range(shift)):
+            samples[index].append(statistics.median(timer(launches[index])))
+    return samples
+
+
 def format_table(labels: list[tuple[str, str, int]], samples: list[list[float]]) -> str:
     """One row per variant: the median over rounds, and the median of its per-round ratios to the
     first variant of the same dtypes and to the first row (a drift of the card cancels in a ratio
@@ -109,12 +121,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         return 0
 
-    timer = Timer("cuda", warmup=2, runs=args.runs)
-    samples = [[] for _ in variants]
-    for round_index in range(args.rounds):
-        shift = round_index % len(variants)
-        for index in list(range(shift, len(variants))) + list(range(shift)):
-            samples[index].append(statistics.median(timer(variants[index][3])))
+    samples = time_interleaved([launch for *_, launch in variants], args.rounds, args.runs)
 
     print(f"case {args.case}, block size {args.block_size}, {torch.cuda.get_device_name()}, "
           f"{args.rounds} rounds x {args.runs} runs (median per round)")

@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-from benchmarks.attention import DTYPES, SHAPES, Timer, kv_bytes_read
+from benchmarks.ab_kernel import time_interleaved
+from benchmarks.attention import DTYPES, SHAPES, kv_bytes_read
 from benchmarks.tune_tiles import triton_case
 
 
@@ -61,12 +62,7 @@ def main(argv=None) -> int:
             label = f"{count} (launcher)" if splits == 0 else str(count)
             variants.append((dtype_name, label, kv_bytes_read(config, kv_lens), launch))
 
-    timer = Timer("cuda", warmup=2, runs=args.runs)
-    samples = [[] for _ in variants]
-    for round_index in range(args.rounds):
-        shift = round_index % len(variants)
-        for index in list(range(shift, len(variants))) + list(range(shift)):
-            samples[index].append(statistics.median(timer(variants[index][3])))
+    samples = time_interleaved([launch for *_, launch in variants], args.rounds, args.runs)
 
     print(f"case {args.case}, block size {args.block_size}, {torch.cuda.get_device_name()}, "
           f"{args.rounds} rounds x {args.runs} runs (median per round)")
