@@ -359,3 +359,20 @@ def test_torch_compile_fullgraph_on_gpu(backend):
     compiled = torch.compile(layer, fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(args["q"]), layer(args["q"]))
+
+
+@pytest.mark.parametrize("backend", ["triton", "dequant"])
+def test_concurrent_cpu_calls_through_the_interpreter_are_safe(backend):
+    """Triton's interpreter is not thread-safe (4 threads raised InterpreterError): interpreted launches are
+    serialized (backends/interpreter_lock.py), so 4 threads give the serial results bit for bit."""
+    fields = dict(q_dtype="fp16", kv_cache_dtype="fp16") if backend == "triton" else dict(
+        q_dtype="fp16", kv_cache_dtype="fp8", kv_quant_mode="FP8_PER_TENSOR")
+    config = AttentionConfig(num_heads=4, num_kv_heads=2, head_size=32, backend=backend, **fields)
+    if not dispatch.explain(config, "cpu").report(backend).supported:
+        pytest.skip(f"{backend} cannot run on this CPU")
+    inputs = [make_inputs(config, [3, 1], [20, 9], seed=seed) for seed in range(4)]
+    serial = [dispatch.attention(*i.args, config=config, **i.kwargs) for i in inputs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda i: dispatch.attention(*i.args, config=config, **i.kwargs), inputs * 2))
+    for index, out in enumerate(results):
+        assert torch.equal(out, serial[index % 4])

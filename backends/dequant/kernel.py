@@ -41,6 +41,8 @@ import functools
 from typing import Optional
 
 import torch
+
+from backends.interpreter_lock import interpreter_launch
 import triton
 import triton.language as tl
 
@@ -222,24 +224,25 @@ def dequantize_pages(
     per_token_head = k_scale_cache is not None
     k_scale_strides = k_scale_cache.stride() if per_token_head else (0, 0, 0)
     v_scale_strides = v_scale_cache.stride() if per_token_head else (0, 0, 0)
-    dequantize_pages_kernel[(num_seqs * pages_per_seq, num_kv_heads)](
-        key_cache, value_cache,  #
-        k_scale, v_scale,  #
-        k_scale_cache, v_scale_cache,  #
-        key_workspace, value_workspace,  #
-        seq_lens, block_table,  #
-        pages_per_seq,  #
-        *key_cache.stride(),  #
-        *value_cache.stride(),  #
-        *k_scale_strides,  #
-        *v_scale_strides,  #
-        *block_table.stride(),  #
-        key_workspace.stride(1), key_workspace.stride(2),  #
-        HEAD_SIZE=head_size,
-        HEAD_SIZE_PADDED=_head_size_padded(head_size),
-        BLOCK_SIZE=block_size,
-        WORKSPACE_BLOCK_SIZE=workspace_block_size,
-        PER_TOKEN_HEAD=per_token_head,
-        num_warps=4 if workspace_block_size * _head_size_padded(head_size) <= 4096 else 8,
-    )
+    with interpreter_launch(key_cache.device):  # one interpreted kernel at a time on the CPU
+        dequantize_pages_kernel[(num_seqs * pages_per_seq, num_kv_heads)](
+            key_cache, value_cache,  #
+            k_scale, v_scale,  #
+            k_scale_cache, v_scale_cache,  #
+            key_workspace, value_workspace,  #
+            seq_lens, block_table,  #
+            pages_per_seq,  #
+            *key_cache.stride(),  #
+            *value_cache.stride(),  #
+            *k_scale_strides,  #
+            *v_scale_strides,  #
+            *block_table.stride(),  #
+            key_workspace.stride(1), key_workspace.stride(2),  #
+            HEAD_SIZE=head_size,
+            HEAD_SIZE_PADDED=_head_size_padded(head_size),
+            BLOCK_SIZE=block_size,
+            WORKSPACE_BLOCK_SIZE=workspace_block_size,
+            PER_TOKEN_HEAD=per_token_head,
+            num_warps=4 if workspace_block_size * _head_size_padded(head_size) <= 4096 else 8,
+        )
     return key_workspace, value_workspace, table

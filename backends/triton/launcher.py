@@ -20,6 +20,8 @@ import triton
 
 from dispatch.config import AttentionConfig, KVQuantMode
 
+from backends.interpreter_lock import interpreter_launch
+
 from . import autotune, kernel
 
 __all__ = ["Tiles", "is_decode_shaped", "choose_tiles", "choose_num_kv_splits", "unified_attention"]
@@ -282,37 +284,39 @@ def unified_attention(
     def grid(meta):
         return (num_tokens // meta["BLOCK_Q"] + num_seqs, num_kv_heads, num_kv_splits)
 
-    kernel.unified_attention_kernel[grid](
-        q, key_cache, value_cache, out, partials,  #
-        cu_seqlens_q, seq_lens, block_table,  #
-        q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache,  #
-        alibi_slopes, sinks, output_scale,  #
-        config.scale,
-        config.logits_soft_cap if config.logits_soft_cap is not None else 0.0,
-        config.sliding_window if config.sliding_window is not None else 0,
-        num_seqs,  #
-        *q.stride(),  #
-        *key_cache.stride(),  #
-        *value_cache.stride(),  #
-        *k_scale_strides,  #
-        *v_scale_strides,  #
-        block_table.stride(0),  #
-        alibi_slopes.stride(0) if alibi_slopes is not None else 0,  #
-        sinks.stride(0) if sinks is not None else 0,  #
-        *out.stride(),  #
-        *partial_strides,  #
-        SPLIT_KV=split_kv,
-        USE_PTX=q.device.type == "cuda",
-        WIDE_OFFSETS=wide_offsets,
-        **plan.constexprs,
-    )
-    if split_kv:
-        kernel.reduce_kv_splits_kernel[(num_tokens, num_heads)](
-            partials, out, sinks, v_scale, output_scale,  #
-            num_kv_splits, sinks.stride(0) if sinks is not None else 0,  #
-            *partial_strides,  #
+    # One interpreted kernel at a time on the CPU (backends/interpreter_lock.py); a no-op on the GPU.
+    with interpreter_launch(q.device):
+        kernel.unified_attention_kernel[grid](
+            q, key_cache, value_cache, out, partials,  #
+            cu_seqlens_q, seq_lens, block_table,  #
+            q_scale, k_scale, v_scale, k_scale_cache, v_scale_cache,  #
+            alibi_slopes, sinks, output_scale,  #
+            config.scale,
+            config.logits_soft_cap if config.logits_soft_cap is not None else 0.0,
+            config.sliding_window if config.sliding_window is not None else 0,
+            num_seqs,  #
+            *q.stride(),  #
+            *key_cache.stride(),  #
+            *value_cache.stride(),  #
+            *k_scale_strides,  #
+            *v_scale_strides,  #
+            block_table.stride(0),  #
+            alibi_slopes.stride(0) if alibi_slopes is not None else 0,  #
+            sinks.stride(0) if sinks is not None else 0,  #
             *out.stride(),  #
-            NUM_SPLITS_PADDED=triton.next_power_of_2(num_kv_splits),
-            **plan.reduce_constexprs,
+            *partial_strides,  #
+            SPLIT_KV=split_kv,
+            USE_PTX=q.device.type == "cuda",
+            WIDE_OFFSETS=wide_offsets,
+            **plan.constexprs,
         )
+        if split_kv:
+            kernel.reduce_kv_splits_kernel[(num_tokens, num_heads)](
+                partials, out, sinks, v_scale, output_scale,  #
+                num_kv_splits, sinks.stride(0) if sinks is not None else 0,  #
+                *partial_strides,  #
+                *out.stride(),  #
+                NUM_SPLITS_PADDED=triton.next_power_of_2(num_kv_splits),
+                **plan.reduce_constexprs,
+            )
     return out
