@@ -16,8 +16,9 @@ import torch
 __all__ = ["interpreter_launch"]
 
 _LOCK = threading.RLock()
+_NO_LOCK = contextlib.nullcontext()  # reusable: a GPU launch allocates nothing here
 
 
 def interpreter_launch(device: torch.device):
     """The lock for a launch on `device` when it runs in the interpreter (the CPU), else a no-op context."""
-    return _LOCK if device.type == "cpu" else contextlib.nullcontext()
+    return _LOCK if device.type == "cpu" else _NO_LOCK
