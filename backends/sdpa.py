@@ -47,7 +47,6 @@ read goes through indexing ops that honour strides, and `out` may be strided.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -94,7 +94,7 @@ def _candidate(config: AttentionConfig, name: str, device: DeviceInfo) -> tuple[
     except UnsupportedConfigError as exc:
         return None, tuple(exc.reasons.get(name) or (str(exc),))
     if device.type == "cuda" and not plan.capability.cuda_graph_safe:
-        return None, (f"not CUDA-graph safe (its forward reads the GPU on the host), and the dequant backend "
+        return None, ("not CUDA-graph safe (its forward reads the GPU on the host), and the dequant backend "
                       "declares cuda_graph_safe=True",)
     return plan, ()
 

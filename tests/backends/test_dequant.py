@@ -284,8 +284,6 @@ def test_values_a_plain_float32_product_would_round_twice_come_out_right():
         hits = (product.float().double() == ties) & (product != ties)
         candidates += [(a, float(v)) for v in s[hits]]
     assert len(candidates) >= 64
-    config = make_config("int8", KVQuantMode.INT8_PER_TOKEN_HEAD, num_heads=1, num_kv_heads=1, head_size=32,
-                         block_size=16)
     tokens = 32
     values = torch.tensor([a for a, _ in candidates[:tokens * 2]], dtype=torch.int8)
     scales = torch.tensor([s for _, s in candidates[:tokens * 2]], dtype=torch.float32)

@@ -2,7 +2,6 @@
 views the call checks do not yet accept); its precision bound, batched decode, chunked prefill and bounds checks."""
 
 import functools
-import math
 
 import pytest
 import torch
