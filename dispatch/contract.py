@@ -94,6 +94,7 @@ class Argument:
     rule: Optional[Callable[[AttentionConfig], bool]] = field(default=None, compare=False)
     rule_text: Optional[Callable[[AttentionConfig], str]] = field(default=None, compare=False)
     absent_note: str = ""
+    when: str = ""  # Presence.WHEN: the rule in words, for docs ("required for FP8_PER_TENSOR, else None")
     min_size: tuple[tuple[int, int, str], ...] = ()
     no_overlap: tuple[str, ...] = ()
     torch_type: str = "Tensor"  # for the custom op schema
@@ -136,29 +137,35 @@ ARGUMENTS: tuple[Argument, ...] = (
     Argument("q_scale", (), "float32", Presence.WHEN, Layout.ANY,
              "dequantization scale of an fp8 query (real q = stored * q_scale)",
              rule=lambda c: c.q_is_fp8, rule_text=lambda c: f"q_dtype={c.q_dtype}",
-             absent_note=" (only an fp8 query has a scale)", torch_type="Tensor?"),
+             absent_note=" (only an fp8 query has a scale)", torch_type="Tensor?",
+             when="required when q_dtype is fp8, else None"),
     Argument("k_scale", (), "float32", Presence.WHEN, Layout.ANY,
              "per-tensor dequantization scale of key_cache", rule=_per_tensor_fp8, rule_text=_mode_text,
-             torch_type="Tensor?"),
+             torch_type="Tensor?", when="required for FP8_PER_TENSOR, else None"),
     Argument("v_scale", (), "float32", Presence.WHEN, Layout.ANY,
              "per-tensor dequantization scale of value_cache", rule=_per_tensor_fp8, rule_text=_mode_text,
-             torch_type="Tensor?"),
+             torch_type="Tensor?", when="required for FP8_PER_TENSOR, else None"),
     Argument("k_scale_cache", _SCALE_CACHE_SHAPE, "float32", Presence.WHEN, Layout.ANY,
              "per-token-head dequantization scales of key_cache (each token's row of each KV head)",
-             rule=lambda c: c.kv_quant_mode.is_per_token_head, rule_text=_mode_text, torch_type="Tensor?"),
+             rule=lambda c: c.kv_quant_mode.is_per_token_head, rule_text=_mode_text, torch_type="Tensor?",
+             when="required for FP8_PER_TOKEN_HEAD and INT8_PER_TOKEN_HEAD, else None"),
     Argument("v_scale_cache", _SCALE_CACHE_SHAPE, "float32", Presence.WHEN, Layout.ANY,
              "per-token-head dequantization scales of value_cache",
-             rule=lambda c: c.kv_quant_mode.is_per_token_head, rule_text=_mode_text, torch_type="Tensor?"),
+             rule=lambda c: c.kv_quant_mode.is_per_token_head, rule_text=_mode_text, torch_type="Tensor?",
+             when="required for FP8_PER_TOKEN_HEAD and INT8_PER_TOKEN_HEAD, else None"),
     Argument("alibi_slopes", ("num_heads",), "float32", Presence.WHEN, Layout.ANY,
              "ALiBi slope of each query head (adds slope_h * (j - pos) to the score)",
-             rule=lambda c: c.use_alibi, rule_text=lambda c: f"use_alibi={c.use_alibi}", torch_type="Tensor?"),
+             rule=lambda c: c.use_alibi, rule_text=lambda c: f"use_alibi={c.use_alibi}", torch_type="Tensor?",
+             when="required when use_alibi, else None"),
     Argument("sinks", ("num_heads",), "float32", Presence.WHEN, Layout.ANY,
              "sink logit of each query head (adds exp(sink_h - m) to the softmax denominator)",
-             rule=lambda c: c.use_sinks, rule_text=lambda c: f"use_sinks={c.use_sinks}", torch_type="Tensor?"),
+             rule=lambda c: c.use_sinks, rule_text=lambda c: f"use_sinks={c.use_sinks}", torch_type="Tensor?",
+             when="required when use_sinks, else None"),
     Argument("output_scale", (), "float32", Presence.WHEN, Layout.ANY,
              "scale of an fp8 output (stored = attention / output_scale, saturated to the format's range)",
              rule=lambda c: c.out_is_fp8, rule_text=lambda c: f"out_dtype={c.out_dtype}",
-             absent_note=" (only fp8 output is scaled)", torch_type="Tensor?"),
+             absent_note=" (only fp8 output is scaled)", torch_type="Tensor?",
+             when="required when out_dtype is fp8, else None"),
     Argument("out", ("num_tokens", "num_heads", "head_size"), "out_dtype", Presence.OPTIONAL,
              Layout.LAST_DIM_CONTIGUOUS, "preallocated output, written in place and returned",
              no_overlap=("q", "key_cache", "value_cache"), torch_type="Tensor?"),
@@ -384,16 +391,7 @@ def _requirement_text(argument: Argument) -> str:
         return "always"
     if argument.presence is Presence.OPTIONAL:
         return "optional"
-    return {
-        "q_scale": "required when q_dtype is fp8, else None",
-        "k_scale": "required for FP8_PER_TENSOR, else None",
-        "v_scale": "required for FP8_PER_TENSOR, else None",
-        "k_scale_cache": "required for FP8_PER_TOKEN_HEAD and INT8_PER_TOKEN_HEAD, else None",
-        "v_scale_cache": "required for FP8_PER_TOKEN_HEAD and INT8_PER_TOKEN_HEAD, else None",
-        "alibi_slopes": "required when use_alibi, else None",
-        "sinks": "required when use_sinks, else None",
-        "output_scale": "required when out_dtype is fp8, else None",
-    }[argument.name]
+    return argument.when
 
 
 def _dtype_text(argument: Argument) -> str:

@@ -204,3 +204,10 @@ def test_fast_check_never_accepts_what_the_full_check_refuses(config):
             accepted += 1
             assert valid, f"{label}: the fast check accepted a call the contract refuses"
     assert accepted >= 2  # the valid call and the harmless views at least
+
+
+def test_every_conditional_row_says_when_in_words():
+    """The docs and the README table read the rule's words from the row itself."""
+    for argument in contract.ARGUMENTS:
+        if argument.presence is contract.Presence.WHEN:
+            assert argument.when.startswith("required") and argument.when.endswith("else None"), argument.name
