@@ -52,6 +52,7 @@ from dispatch.errors import InputError
 __all__ = [
     "FORMAT_MAX",
     "MIN_SCALE",
+    "KVCacheTensors",
     "PagedKV",
     "calibrate_scale",
     "paged_kv_from_dense",
@@ -364,8 +365,24 @@ def write_kv_unchecked(key, value, key_cache, value_cache, slot_mapping, config,
 # ---- dense per-sequence K/V -> paged tensors -------------------------------------------
 
 
+class KVCacheTensors:
+    """What any holder of a paged cache answers from its ``key_cache``, ``value_cache``, ``k_scale``,
+    ``v_scale``, ``k_scale_cache`` and ``v_scale_cache`` attributes (None where the mode has none)."""
+
+    _SCALE_NAMES = ("k_scale", "v_scale", "k_scale_cache", "v_scale_cache")
+
+    def scales(self) -> dict:
+        """The scale keywords of `dispatch.attention` this cache needs (the others are absent)."""
+        return {name: getattr(self, name) for name in self._SCALE_NAMES if getattr(self, name) is not None}
+
+    def nbytes(self) -> int:
+        """Bytes held by the pages and their scales."""
+        tensors = (self.key_cache, self.value_cache, self.k_scale_cache, self.v_scale_cache)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 @dataclass
-class PagedKV:
+class PagedKV(KVCacheTensors):
     """A paged KV cache with its block table, ready for `dispatch.attention`.
 
     key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size] in kv_cache_dtype.
@@ -385,16 +402,6 @@ class PagedKV:
     v_scale: Optional[torch.Tensor] = None
     k_scale_cache: Optional[torch.Tensor] = None
     v_scale_cache: Optional[torch.Tensor] = None
-
-    def scales(self) -> dict:
-        """The scale keywords of `dispatch.attention` this cache needs (the others are absent)."""
-        names = ("k_scale", "v_scale", "k_scale_cache", "v_scale_cache")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-
-    def nbytes(self) -> int:
-        """Bytes held by the pages and their scales."""
-        tensors = (self.key_cache, self.value_cache, self.k_scale_cache, self.v_scale_cache)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _as_sequences(name: str, data) -> list[torch.Tensor]:

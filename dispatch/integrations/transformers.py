@@ -90,7 +90,8 @@ import torch
 
 import dispatch
 from dispatch.config import FP8_DTYPES, AttentionConfig, KVQuantMode, canonical_dtype_name, torch_dtype
-from dispatch.kv_cache import calibrate_scale, paged_kv_from_dense, write_kv, write_kv_unchecked, zeros_cache
+from dispatch.kv_cache import (KVCacheTensors, calibrate_scale, paged_kv_from_dense, write_kv, write_kv_unchecked,
+                                zeros_cache)
 
 __all__ = [
     "DispatchMask",
@@ -618,7 +619,7 @@ class _Step:
     done: set = field(default_factory=set)
 
 
-class _Layer:
+class _Layer(KVCacheTensors):
     """One layer's pages and scales."""
 
     def __init__(self, index: int, settings: Optional[LayerSettings], policy: _Policy):
@@ -634,14 +635,6 @@ class _Layer:
         self.config_key: Optional[tuple] = None
         self.config: Optional[AttentionConfig] = None
         self.written = False  # write_kv checked these pages once
-
-    def scales(self) -> dict:
-        names = ("k_scale", "v_scale", "k_scale_cache", "v_scale_cache")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-
-    def nbytes(self) -> int:
-        tensors = (self.key_cache, self.value_cache, self.k_scale_cache, self.v_scale_cache)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class _PagedStore:
