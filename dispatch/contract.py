@@ -82,6 +82,10 @@ class Argument:
         None for ..."); `absent_note` explains a must-be-None.
     min_size: (dimension, smallest size, what it means) beyond the template (a block table needs a column).
     no_overlap: arguments whose memory this one must not share (out).
+    per_step: an engine passes the same tensor object to every layer of one step (the batch metadata:
+        vLLM's and FlashInfer's per-step metadata are built once and read by all layers), so the fast
+        check remembers the per-step tensors it last accepted and, when a call passes those very
+        objects again, skips their checks (compile_fast_check).
     """
 
     name: str
@@ -98,6 +102,7 @@ class Argument:
     min_size: tuple[tuple[int, int, str], ...] = ()
     no_overlap: tuple[str, ...] = ()
     torch_type: str = "Tensor"  # for the custom op schema
+    per_step: bool = False  # the same tensor object for every layer of an engine step (batch metadata)
 
     @property
     def is_scalar(self) -> bool:
@@ -128,12 +133,13 @@ ARGUMENTS: tuple[Argument, ...] = (
              "the values, laid out as key_cache", positional=True),
     Argument("cu_seqlens_q", ("num_seqs + 1",), "int32", Presence.ALWAYS, Layout.LAST_DIM_CONTIGUOUS,
              "query start offsets: sequence s owns query rows cu_seqlens_q[s] : cu_seqlens_q[s + 1]",
-             positional=True),
+             positional=True, per_step=True),
     Argument("seq_lens", ("num_seqs",), "int32", Presence.ALWAYS, Layout.LAST_DIM_CONTIGUOUS,
-             "KV length of each sequence (context + new tokens), at least its query length", positional=True),
+             "KV length of each sequence (context + new tokens), at least its query length", positional=True,
+             per_step=True),
     Argument("block_table", ("num_seqs", "max_blocks_per_seq"), "int32", Presence.ALWAYS,
              Layout.LAST_DIM_CONTIGUOUS, "page ids of each sequence, in order", positional=True,
-             min_size=((1, 1, "one page per sequence"),)),
+             min_size=((1, 1, "one page per sequence"),), per_step=True),
     Argument("q_scale", (), "float32", Presence.WHEN, Layout.ANY,
              "dequantization scale of an fp8 query (real q = stored * q_scale)",
              rule=lambda c: c.q_is_fp8, rule_text=lambda c: f"q_dtype={c.q_dtype}",
@@ -309,69 +315,34 @@ def compile_fast_check(config: AttentionConfig, contiguous: frozenset[str] = fro
     after, so a call costs a few attribute reads per tensor (the dispatcher's whole per-call budget is
     microseconds; a loop over the rows would spend it on interpretation). `contiguous` names
     arguments that must be fully contiguous (a backend's ``contiguous_arguments``).
+
+    The per-step arguments (`Argument.per_step`: cu_seqlens_q, seq_lens, block_table) are checked
+    together, and the function remembers the last objects it accepted (with q's device): a call passing
+    those same objects, as every layer after the first of an engine step does, skips their checks. The
+    memory holds references to those tensors until a call with other ones. A tensor object's metadata
+    could change in place (``resize_``, ``set_``) between two calls and go unseen; engines do not do
+    that to their batch metadata, and debug mode (``validate=True``) still checks every value.
     """
-    lines: list[str] = []
-    env: dict[str, Any] = {"_overlap": _overlap}
-    emit = lines.append
-    emit("device = q.device")
+    env: dict[str, Any] = {"_overlap": _overlap, "_memo": [(None, None, None, None)]}
     bound: set[str] = set()
+    per_call: list[str] = []
+    per_step: list[str] = []
+    for argument in _CHECK_ORDER:
+        if required(argument, config) is not False:
+            target = per_step if argument.per_step else per_call
+            target.extend(_argument_lines(argument, config, contiguous, env, bound))
+    step_names = [a.name for a in _CHECK_ORDER if a.per_step]
+    lines = ["device = q.device"]
     forbidden = [a.name for a in _CHECK_ORDER if required(a, config) is False]
     if forbidden:
-        emit(f"if {' or '.join(f'{name} is not None' for name in forbidden)}: return None")
-    for argument in _CHECK_ORDER:
-        name = argument.name
-        need = required(argument, config)
-        if need is False:
-            continue
-        indent = ""
-        if need is None:
-            emit(f"if {name} is not None:")
-            indent = "    "
-        elif argument.presence is Presence.WHEN:
-            emit(f"if {name} is None: return None")
-        dtype_var = f"_dtype_{name}"
-        env[dtype_var] = expected_dtype(argument, config)
-        conditions = [f"{name}.dtype is not {dtype_var}"] + ([] if name == "q" else [f"{name}.device != device"])
-        if argument.is_scalar:
-            conditions.append(f"{name}.numel() != 1")
-            emit(f"{indent}if {' or '.join(conditions)}: return None")
-            continue
-        shape_var = f"_s_{name}"
-        emit(f"{indent}{shape_var} = {name}.shape")
-        conditions.append(f"len({shape_var}) != {len(argument.shape)}")
-        binds = []
-        for dim, template in enumerate(argument.shape):
-            symbol, offset = _split_dim(template)
-            if symbol in CONFIG_DIMS:
-                conditions.append(f"{shape_var}[{dim}] != {_config_size(config, symbol) + offset}")
-            elif symbol in bound:
-                conditions.append(f"{shape_var}[{dim}] != {symbol}" + (f" + {offset}" if offset else ""))
-            else:
-                binds.append(f"{symbol} = {shape_var}[{dim}]" + (f" - {offset}" if offset else ""))
-                bound.add(symbol)
-        for dim, smallest, _ in argument.min_size:
-            conditions.append(f"{shape_var}[{dim}] < {smallest}")
-        if name in contiguous:
-            conditions.append(f"not {name}.is_contiguous()")
-        elif argument.layout is Layout.LAST_DIM_CONTIGUOUS:
-            # is_contiguous() first: a cheaper call, and true for most tensors.
-            conditions.append(f"not ({name}.is_contiguous() or {name}.stride(-1) == 1)")
-        # Binding first: a later condition on this tensor may compare against its own size.
-        for bind in binds:
-            emit(f"{indent}{bind}")
-        emit(f"{indent}if {' or '.join(conditions)}: return None")
-        if argument.no_overlap:
-            # Distinct allocations cannot overlap: compare the storages' byte ranges (a few cheap calls,
-            # whatever the strides); only tensors in one allocation pay for the exact span test.
-            emit(f"{indent}_so = {name}.untyped_storage()")
-            emit(f"{indent}_so0 = _so.data_ptr()")
-            emit(f"{indent}_so1 = _so0 + _so.nbytes()")
-            for other in argument.no_overlap:
-                emit(f"{indent}_sa = {other}.untyped_storage()")
-                emit(f"{indent}_sa0 = _sa.data_ptr()")
-                emit(f"{indent}if not (_sa0 + _sa.nbytes() <= _so0 or _so1 <= _sa0) and _overlap({name}, {other}): "
-                     "return None")
-    emit("return device")
+        lines.append(f"if {' or '.join(f'{name} is not None' for name in forbidden)}: return None")
+    lines += per_call
+    lines.append("_m = _memo[0]")
+    lines.append("if " + " or ".join([f"_m[{i}] is not {name}" for i, name in enumerate(step_names)]
+                                     + [f"_m[{len(step_names)}] != device"]) + ":")
+    lines += ["    " + line for line in per_step]
+    lines.append(f"    _memo[0] = ({', '.join(step_names)}, device)")
+    lines.append("return device")
     params = ", ".join(a.name for a in ARGUMENTS)
     body = "\n".join("        " + line for line in lines)
     source = (f"def fast_check({params}):\n"
@@ -382,6 +353,78 @@ def compile_fast_check(config: AttentionConfig, contiguous: frozenset[str] = fro
     function = env["fast_check"]
     function.source = source  # for debugging and tests
     return function
+
+
+def _step_symbols() -> frozenset[str]:
+    """Call sizes that per-step arguments bind; no other argument may use them (their checks are skipped)."""
+    return frozenset(symbol for symbol, (binder, _) in BINDERS.items() if _BY_NAME[binder].per_step)
+
+
+def _argument_lines(argument: Argument, config: AttentionConfig, contiguous: frozenset[str], env: dict[str, Any],
+                    bound: set[str]) -> list[str]:
+    """The fast check's lines for one argument the config does not forbid (returning None on a mismatch)."""
+    name = argument.name
+    need = required(argument, config)
+    lines: list[str] = []
+    emit = lines.append
+    if argument.per_step and argument.presence is not Presence.ALWAYS:
+        raise ValueError(f"{name}: a per-step argument must be passed on every call (the memory is by identity)")
+    indent = ""
+    if need is None:
+        emit(f"if {name} is not None:")
+        indent = "    "
+    elif argument.presence is Presence.WHEN:
+        emit(f"if {name} is None: return None")
+    dtype_var = f"_dtype_{name}"
+    env[dtype_var] = expected_dtype(argument, config)
+    conditions = [f"{name}.dtype is not {dtype_var}"] + ([] if name == "q" else [f"{name}.device != device"])
+    if argument.is_scalar:
+        conditions.append(f"{name}.numel() != 1")
+        emit(f"{indent}if {' or '.join(conditions)}: return None")
+        return lines
+    shape_var = f"_s_{name}"
+    emit(f"{indent}{shape_var} = {name}.shape")
+    # One tuple comparison checks the rank and every size (torch.Size is a tuple): a call size not yet
+    # bound is bound first by indexing (an IndexError on too few dimensions returns None), and then
+    # compares equal to itself.
+    binds, expected = [], []
+    for dim, template in enumerate(argument.shape):
+        symbol, offset = _split_dim(template)
+        if symbol in CONFIG_DIMS:
+            expected.append(str(_config_size(config, symbol) + offset))
+            continue
+        if (symbol in _step_symbols()) != argument.per_step:
+            raise ValueError(f"{name}: call size {symbol!r} is bound by a per-step argument, and only per-step "
+                             "arguments may use it (their checks are skipped on a repeated step)")
+        if symbol not in bound:
+            binds.append(f"{symbol} = {shape_var}[{dim}]" + (f" - {offset}" if offset else ""))
+            bound.add(symbol)
+        expected.append(symbol + (f" + {offset}" if offset else ""))
+    conditions.append(f"{shape_var} != ({', '.join(expected)},)")
+    for dim, smallest, _ in argument.min_size:
+        conditions.append(f"{shape_var}[{dim}] < {smallest}")
+    if name in contiguous:
+        conditions.append(f"not {name}.is_contiguous()")
+    elif argument.layout is Layout.LAST_DIM_CONTIGUOUS:
+        # is_contiguous() first: a cheaper call, and true for most tensors; stride() then indexing is
+        # cheaper than stride(-1).
+        conditions.append(f"not ({name}.is_contiguous() or {name}.stride()[-1] == 1)")
+    # Binding first: a later condition on this tensor may compare against its own size.
+    for bind in binds:
+        emit(f"{indent}{bind}")
+    emit(f"{indent}if {' or '.join(conditions)}: return None")
+    if argument.no_overlap:
+        # Distinct allocations cannot overlap: compare the storages' byte ranges (a few cheap calls,
+        # whatever the strides); only tensors in one allocation pay for the exact span test.
+        emit(f"{indent}_so = {name}.untyped_storage()")
+        emit(f"{indent}_so0 = _so.data_ptr()")
+        emit(f"{indent}_so1 = _so0 + _so.nbytes()")
+        for other in argument.no_overlap:
+            emit(f"{indent}_sa = {other}.untyped_storage()")
+            emit(f"{indent}_sa0 = _sa.data_ptr()")
+            emit(f"{indent}if not (_sa0 + _sa.nbytes() <= _so0 or _so1 <= _sa0) and _overlap({name}, {other}): "
+                 "return None")
+    return lines
 
 
 # ---- documentation and schema, from the same rows --------------------------------------------------------------

@@ -211,3 +211,25 @@ def test_every_conditional_row_says_when_in_words():
     for argument in contract.ARGUMENTS:
         if argument.presence is contract.Presence.WHEN:
             assert argument.when.startswith("required") and argument.when.endswith("else None"), argument.name
+
+
+def test_fast_check_remembers_the_per_step_tensors_by_identity():
+    """Every layer of an engine step passes the same batch-metadata objects: the fast check checks them once,
+    remembers them, and checks any other object again (a new object with a wrong shape is still refused)."""
+    config = CONFIGS[0]
+    inputs = make_inputs(config, [1, 3], [5, 20])
+    fast = contract.compile_fast_check(config)
+    values = dict(zip([a.name for a in contract.ARGUMENTS], [*inputs.args] + [None] * 9))
+    step = [a.name for a in contract.ARGUMENTS if a.per_step]
+    assert set(step) == {"cu_seqlens_q", "seq_lens", "block_table"}
+    assert fast(*values.values()) is not None
+    remembered = fast.__globals__["_memo"][0]
+    assert all(any(r is values[name] for r in remembered) for name in step)
+    assert fast(*values.values()) is not None  # the same objects: the remembered verdict
+    for name, bad in (("block_table", values["block_table"][:1]), ("seq_lens", values["seq_lens"][:1]),
+                      ("cu_seqlens_q", values["cu_seqlens_q"].to(torch.int64)),
+                      ("block_table", values["block_table"].to("meta"))):
+        assert fast(*dict(values, **{name: bad}).values()) is None, name
+    assert fast(*values.values()) is not None  # and the valid objects again
+    # A device change of q is not hidden by the memory (its tensors are all on the CPU).
+    assert fast(*dict(values, q=values["q"].to("meta")).values()) is None
