@@ -4,33 +4,45 @@ For prefill-heavy batches against an FP8 or INT8 cache with a 16-bit query, dequ
 only the pages the batch reads into a 16-bit workspace (the query's dtype) and running a
 16-bit attention on it beats attending to the quantized cache directly wherever a 16-bit
 kernel prefills much faster than the quantized path (FlashAttention 4 on an H100 / H200;
-measurements in benchmarks/RESULTS.md). One call here is two steps:
+measurements in benchmarks/RESULTS.md). Decodes are the opposite case: a decode reads each
+key once, so copying its keys to 16 bits first costs more than it saves. One call here is
+up to three launches:
 
 1. `kernel.dequantize_pages`: one Triton launch writes, for each sequence, its keys and values
    as real = stored * scale rounded once to the query's dtype, into a compact paged
-   workspace of WORKSPACE_BLOCK_SIZE-token pages with an identity block table (kernel.py);
+   workspace of WORKSPACE_BLOCK_SIZE-token pages with an identity block table (kernel.py).
+   Where the Triton kernel accepts the config itself, sequences with at most SHORT_QUERIES
+   queries (decodes) are skipped: the inner call sees q_len keys of zeros for them;
 2. the inner backend runs the derived 16-bit config (`workspace_config`: the same config with
-   kv_cache_dtype = q_dtype, kv_quant_mode = NONE, block_size = WORKSPACE_BLOCK_SIZE) on it.
+   kv_cache_dtype = q_dtype, kv_quant_mode = NONE, block_size = WORKSPACE_BLOCK_SIZE) on it;
+3. if decodes were skipped, the Triton kernel attends them straight from the quantized cache
+   and overwrites their rows (`short_queries_only`; the other rows are left as they are).
+
+Which sequences are decodes is read on the device (cu_seqlens_q), never on the host, so a
+mixed batch (a few chunked prefills next to many decodes) dequantizes only its prefills'
+pages and decodes at the quantized cache's bandwidth, all in one call.
 
 The inner backend is the first of INNER_ORDER (flash_attn, triton, sdpa) that the dispatcher
 accepts for the derived config, chosen through `dispatch.select` with the backend named, so it
 obeys every rule of its own capability record; on CUDA it must also be CUDA-graph safe
 (sdpa is not), since this backend declares it is. Numerics: after the one rounding of K and V
 the inner backend's own arithmetic, i.e. the same as sdpa's same-precision path with a
-quantized cache (dequantize, then compute in the query's dtype).
+quantized cache (dequantize, then compute in the query's dtype); decode rows carry the Triton
+kernel's numerics against the quantized cache, within the same parity bounds.
 
-Why 32-token workspace pages: never FlashAttention 4's KV tile (64 to 144 tokens on every
-architecture it pages on), whose pages its record refuses (it loads them by TMA, reading the
-unused tail of each sequence's last page; the zeros written there would be safe, but its
-record cannot know that); a multiple of 16, as FlashAttention and the Triton kernel need;
-and a sequence's last page pads it by at most 31 tokens. Page size matters little to FA4's
-cp.async paged path, which computes a page id per row.
+Workspace pages: with FlashAttention 4 inside, exactly its KV tile (128 tokens for head size
+128), which it loads by TMA, its fast paged path (`workspace_block_size`). Its record refuses
+that page size for an engine's cache, whose unused last-page tail may hold NaN; the workspace
+writes zeros there, so the inner plan is chosen with 32-token pages (every other rule applies)
+and called with the tile's. With any other inner backend, WORKSPACE_BLOCK_SIZE (32): a
+multiple of 16, as FlashAttention and the Triton kernel need, padding a sequence's last page
+by at most 31 tokens.
 
-Memory: the workspace holds 2 x num_seqs x ceil(max_blocks_per_seq x block_size / 32) x 32
-tokens of num_kv_heads x head_size values in the query's dtype, sized from the block table's
-width (a host-side shape), not from the real lengths (which would need a host sync); an engine
-whose block table is as wide as its longest possible sequence pays for that width. Only the
-pages the batch reads are written.
+Memory: the workspace holds 2 x num_seqs x ceil(max_blocks_per_seq x block_size / P) x P
+tokens of num_kv_heads x head_size values in the query's dtype (P tokens per page), sized
+from the block table's width (a host-side shape), not from the real lengths (which would need
+a host sync); an engine whose block table is as wide as its longest possible sequence pays
+for that width. Only the pages the batch reads are written.
 
 Importing this module imports neither triton nor any other backend.
 """
@@ -49,13 +61,22 @@ from dispatch.capabilities import Capability, DeviceInfo, resolve_device
 from dispatch.config import OUT_DTYPES, SIXTEEN_BIT_DTYPES, AttentionConfig, KVQuantMode
 from dispatch.errors import InputError, UnsupportedConfigError
 from dispatch.selector import Plan, select
+from dispatch.speed import DECODE_MAX_QUERY_LEN
 
-__all__ = ["CAPABILITY", "forward", "INNER_ORDER", "WORKSPACE_BLOCK_SIZE", "workspace_config", "InnerChoice",
-           "choose_inner"]
+__all__ = ["CAPABILITY", "forward", "INNER_ORDER", "WORKSPACE_BLOCK_SIZE", "SHORT_QUERIES", "workspace_config",
+           "InnerChoice", "choose_inner", "short_queries_on_triton"]
 
 # The 16-bit backends, most preferred first: FlashAttention 4 prefills fastest where it runs.
 INNER_ORDER = ("flash_attn", "triton", "sdpa")
 WORKSPACE_BLOCK_SIZE = 32
+# Sequences with at most this many queries (decodes, the workload boundary of dispatch.speed) are attended
+# straight from the cache by the Triton kernel where it accepts the config; DECODES_FROM_THE_CACHE = False
+# dequantizes them too (the A/B switch of benchmarks.dequant_split).
+SHORT_QUERIES = DECODE_MAX_QUERY_LEN
+DECODES_FROM_THE_CACHE = True
+# With FlashAttention 4 inside, workspace pages of exactly its KV tile (TMA loads, its fast paged path;
+# `workspace_block_size`). False keeps WORKSPACE_BLOCK_SIZE for every inner backend (the A/B switch).
+FA4_TILE_PAGES = True
 QUANTIZED_MODES = frozenset({KVQuantMode.FP8_PER_TENSOR, KVQuantMode.FP8_PER_TOKEN_HEAD,
                              KVQuantMode.INT8_PER_TOKEN_HEAD})
 
@@ -149,8 +170,8 @@ def _inner_backend(config: AttentionConfig, device: DeviceInfo) -> list[str]:
 
 
 CAPABILITY = Capability(
-    description=(f"Dequantize the pages a batch reads into a {WORKSPACE_BLOCK_SIZE}-token-page 16-bit workspace "
-                 "(Triton), then run the first 16-bit backend that fits: " + ", ".join(INNER_ORDER)
+    description=("Dequantize the pages a batch reads into a 16-bit workspace (Triton; pages of FA4's KV tile with "
+                 f"FA4 inside, else {WORKSPACE_BLOCK_SIZE} tokens), then run the first 16-bit backend that fits: " + ", ".join(INNER_ORDER)
                  + " (sdpa on CPU only)"),
     q_dtypes=SIXTEEN_BIT_DTYPES,
     kv_cache_dtypes=frozenset({"float8_e4m3fn", "float8_e5m2", "int8"}),
@@ -164,11 +185,53 @@ CAPABILITY = Capability(
     required_modules=("triton",),
     cuda_graph_safe=True,
     extra_rules=(_cpu_needs_interpreter, _interpreter_rounding, _inner_backend),
-    plan_note=lambda config, device: f"here: dequantize, then {choose_inner(config, device).name}",
+    plan_note=lambda config, device: (
+        f"here: dequantize, then {choose_inner(config, device).name}"
+        + (f" on {workspace_block_size(choose_inner(config, device).plan, device)}-token pages"
+           if choose_inner(config, device).plan is not None else "")
+        + (f"; sequences with at most {SHORT_QUERIES} queries (decodes) run on triton straight from the cache"
+           if short_queries_on_triton(config, device) else "")),
 )
 
 
 # ---- the call --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def short_queries_on_triton(config: AttentionConfig, device: DeviceInfo) -> int:
+    """SHORT_QUERIES when the Triton kernel accepts `config` itself (the quantized cache) on `device`, else 0:
+    then the decodes of a batch are attended from the cache by it, and only the others are dequantized."""
+    if not DECODES_FROM_THE_CACHE or not _handles(config):
+        return 0
+    fields = config.model_dump()
+    fields.update(backend="triton")
+    try:
+        select(AttentionConfig(**fields), device)
+    except UnsupportedConfigError:
+        return 0
+    return SHORT_QUERIES
+
+
+def workspace_block_size(inner: Plan, device: DeviceInfo) -> int:
+    """Tokens per workspace page for the inner backend `inner`: FlashAttention 4's KV tile where FA4 runs
+    inside and the tile is a power of two (the dequantization kernel's page is one Triton block), else
+    WORKSPACE_BLOCK_SIZE.
+
+    A page of exactly FA4's tile loads by TMA, its fast path, where other page sizes load row by row
+    (cp.async). FA4's own record refuses that page size for an engine's cache (`_tma_reads_last_page_tail`):
+    TMA reads the whole last page of a sequence, whose unused tail an engine may leave holding NaN. The
+    workspace has no such tail: every slot past a sequence's length in a page it owns is written as zero
+    (kernel.py). So the inner plan is selected with WORKSPACE_BLOCK_SIZE (every other rule of the record
+    applies) and called with the tile's pages.
+    """
+    if FA4_TILE_PAGES and inner.name == "flash_attn":
+        from backends.flash_attn import fa4
+
+        if inner.backend_forward is fa4.forward:
+            tile = fa4.kv_tile(inner.config, device)
+            if tile is not None and tile & (tile - 1) == 0 and tile >= max(SHORT_QUERIES, 16):
+                return tile
+    return WORKSPACE_BLOCK_SIZE
 
 
 @dataclass(frozen=True)
@@ -180,6 +243,8 @@ class _Call:
     inner: Plan
     dtype: torch.dtype
     contiguous: frozenset[str]  # caller's arguments the inner backend needs contiguous
+    short_queries: int  # > 0: sequences with at most this many queries run on the Triton kernel, from the cache
+    workspace_block_size: int  # tokens per workspace page (workspace_block_size())
 
 
 # id(config) -> _Call; the entry holds its config, so the id cannot be reused while the entry lives.
@@ -193,6 +258,7 @@ def _clear_caches() -> None:
     with _calls_lock:
         _calls.clear()
     choose_inner.cache_clear()
+    short_queries_on_triton.cache_clear()
 
 
 registry.on_change(_clear_caches)
@@ -210,7 +276,9 @@ def _call_for(config: AttentionConfig, device: torch.device) -> _Call:
             {name: list(why) for name, why in choice.refused})
     contiguous = frozenset(getattr(choice.plan.capability, "contiguous_arguments", ())) & {
         "q", "alibi_slopes", "sinks", "out"}
-    call = _Call(config, device, choice.plan, config.q_torch_dtype, contiguous)
+    info = resolve_device(device)
+    call = _Call(config, device, choice.plan, config.q_torch_dtype, contiguous,
+                 short_queries_on_triton(config, info), workspace_block_size(choice.plan, info))
     with _calls_lock:
         if len(_calls) >= _MAX_CALLS:
             _calls.clear()
@@ -223,6 +291,13 @@ def _kernel():
     from backends.dequant import kernel  # imports triton: only once a call runs
 
     return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_launcher():
+    from backends.triton import launcher  # imports triton: only once a call runs
+
+    return launcher
 
 
 def forward(
@@ -273,12 +348,22 @@ def forward(
             if value is not None and not value.is_contiguous():
                 raise InputError(f"{name}: backend 'dequant' runs {call.inner.name!r}, which needs a contiguous "
                                  f"tensor, got strides {value.stride()} for shape {tuple(value.shape)}")
-    key_workspace, value_workspace, workspace_table = _kernel().dequantize_pages(
+    workspace = _kernel().dequantize_pages(
         key_cache, value_cache, seq_lens, block_table,
-        dtype=call.dtype, workspace_block_size=WORKSPACE_BLOCK_SIZE,
+        dtype=call.dtype, workspace_block_size=call.workspace_block_size,
         k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache,
+        cu_seqlens_q=cu_seqlens_q, short_queries=call.short_queries,
     )
-    return call.inner.forward(
-        q, key_workspace, value_workspace, cu_seqlens_q, seq_lens, workspace_table,
+    out = call.inner.forward(
+        q, workspace.key_cache, workspace.value_cache, cu_seqlens_q, workspace.seq_lens, workspace.block_table,
         alibi_slopes=alibi_slopes, sinks=sinks, output_scale=output_scale, out=out,
     )
+    if call.short_queries:
+        # The decode rows, which the inner call computed against zeros: from the cache, overwritten in place.
+        _triton_launcher().unified_attention(
+            q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table, config=config,
+            k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache,
+            alibi_slopes=alibi_slopes, sinks=sinks, output_scale=output_scale, out=out,
+            short_queries_only=call.short_queries,
+        )
+    return out

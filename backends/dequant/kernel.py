@@ -38,7 +38,7 @@ exactly (fp8 and int8 values are fp32 numbers).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -46,7 +46,16 @@ from backends.interpreter_lock import interpreter_launch
 import triton
 import triton.language as tl
 
-__all__ = ["dequantize_pages_kernel", "dequantize_pages", "identity_block_table"]
+__all__ = ["dequantize_pages_kernel", "dequantize_pages", "identity_block_table", "Workspace"]
+
+
+class Workspace(NamedTuple):
+    """What `dequantize_pages` hands the inner 16-bit call: its caches, block table and seq_lens."""
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
 
 
 @triton.jit
@@ -105,6 +114,7 @@ def dequantize_pages_kernel(
     K_scale_cache, V_scale_cache,  # fp32 [num_blocks, BLOCK_SIZE, num_kv_heads] (per token-head), else None
     K_workspace, V_workspace,  # [num_seqs * pages_per_seq, WORKSPACE_BLOCK_SIZE, num_kv_heads, HEAD_SIZE]
     Seq_lens, Block_table,  # int32 [num_seqs], int32 [num_seqs, max_blocks_per_seq]
+    Cu_seqlens_q, Workspace_seq_lens,  # int32 [num_seqs + 1] and the inner call's int32 [num_seqs] (SHORT_QUERIES)
     pages_per_seq,  #
     stride_kb, stride_ks, stride_kh, stride_kd,  #
     stride_vb, stride_vs, stride_vh, stride_vd,  #
@@ -116,17 +126,29 @@ def dequantize_pages_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache page
     WORKSPACE_BLOCK_SIZE: tl.constexpr,  # tokens per workspace page
     PER_TOKEN_HEAD: tl.constexpr,  # scales from the scale caches, else one K_scale / V_scale
+    SHORT_QUERIES: tl.constexpr,  # > 0: sequences with at most this many queries are left to another kernel
 ):
     program = tl.program_id(0)
     head = tl.program_id(1)
     seq = program // pages_per_seq
     page = program % pages_per_seq
     seq_len = tl.load(Seq_lens + seq)
+    copy_len = seq_len
+    if SHORT_QUERIES > 0:
+        # A short-query sequence (a decode) is attended elsewhere, straight from the cache: none of its keys
+        # is copied, and the inner call sees q_len keys of zeros (a valid call whose rows get overwritten).
+        tl.static_assert(SHORT_QUERIES <= WORKSPACE_BLOCK_SIZE)
+        q_len = tl.load(Cu_seqlens_q + seq + 1) - tl.load(Cu_seqlens_q + seq)
+        short = q_len <= SHORT_QUERIES
+        seq_len = tl.where(short, q_len, seq_len)
+        copy_len = tl.where(short, 0, copy_len)
+        if page == 0 and head == 0:
+            tl.store(Workspace_seq_lens + seq, seq_len)
     first = page * WORKSPACE_BLOCK_SIZE
     if first >= seq_len:
         return
     tokens = first + tl.arange(0, WORKSPACE_BLOCK_SIZE)
-    valid = tokens < seq_len
+    valid = tokens < copy_len
     # int64 before any stride multiplies them: a cache or a workspace can pass 2^31 elements.
     seq64 = seq.to(tl.int64)
     pages = tl.load(Block_table + seq64 * stride_bts + (tokens // BLOCK_SIZE) * stride_btc, mask=valid,
@@ -188,7 +210,9 @@ def dequantize_pages(
     k_scale_cache: Optional[torch.Tensor] = None,
     v_scale_cache: Optional[torch.Tensor] = None,
     workspace: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    short_queries: int = 0,
+) -> Workspace:
     """Dequantize every page the batch reads into a compact `dtype` workspace (module docstring).
 
     key_cache, value_cache  [num_blocks, block_size, num_kv_heads, head_size], fp8 or int8, any strides
@@ -202,11 +226,17 @@ def dequantize_pages(
     workspace_block_size    tokens per workspace page (a power of two)
     workspace               optional [2, num_seqs * pages_per_seq, workspace_block_size, num_kv_heads,
                             head_size] in `dtype`, contiguous (tests pass one to see which pages are written)
+    short_queries, cu_seqlens_q
+                            with short_queries > 0 (at most workspace_block_size), a sequence with at most
+                            that many queries (per cu_seqlens_q, read on the device) is left out: none of
+                            its keys is copied, and the returned seq_lens give it q_len keys, all zeros, so
+                            the inner call stays valid; the caller attends those rows from the cache itself.
 
-    Returns (key_workspace, value_workspace, block_table_out): the two workspaces
-    [num_seqs * pages_per_seq, workspace_block_size, num_kv_heads, head_size] and the identity
-    block table int32 [num_seqs, pages_per_seq], with pages_per_seq = ceil(max_blocks_per_seq *
-    block_size / workspace_block_size). Pages past a sequence's length are left as they were.
+    Returns a `Workspace`: the two workspaces [num_seqs * pages_per_seq, workspace_block_size,
+    num_kv_heads, head_size], the identity block table int32 [num_seqs, pages_per_seq], with
+    pages_per_seq = ceil(max_blocks_per_seq * block_size / workspace_block_size), and the seq_lens
+    of the inner call (`seq_lens` itself unless short_queries). Pages past a sequence's length
+    (the inner length) are left as they were.
     """
     num_blocks, block_size, num_kv_heads, head_size = key_cache.shape
     num_seqs = block_table.shape[0]
@@ -219,8 +249,15 @@ def dequantize_pages(
                          f"{workspace.dtype} {tuple(workspace.shape)} (contiguous: {workspace.is_contiguous()})")
     key_workspace, value_workspace = workspace[0], workspace[1]
     table = identity_block_table(num_seqs, pages_per_seq, key_cache.device)
+    if short_queries:
+        if cu_seqlens_q is None or not 0 < short_queries <= workspace_block_size:
+            raise ValueError(f"short_queries: expected 1..{workspace_block_size} with cu_seqlens_q, got "
+                             f"{short_queries} with cu_seqlens_q={'None' if cu_seqlens_q is None else 'a tensor'}")
+        inner_seq_lens = torch.empty_like(seq_lens)
+    else:
+        inner_seq_lens = seq_lens
     if num_seqs * pages_per_seq == 0:
-        return key_workspace, value_workspace, table
+        return Workspace(key_workspace, value_workspace, table, inner_seq_lens)
     per_token_head = k_scale_cache is not None
     k_scale_strides = k_scale_cache.stride() if per_token_head else (0, 0, 0)
     v_scale_strides = v_scale_cache.stride() if per_token_head else (0, 0, 0)
@@ -231,6 +268,7 @@ def dequantize_pages(
             k_scale_cache, v_scale_cache,  #
             key_workspace, value_workspace,  #
             seq_lens, block_table,  #
+            cu_seqlens_q if short_queries else seq_lens, inner_seq_lens,  # (unread without short_queries)
             pages_per_seq,  #
             *key_cache.stride(),  #
             *value_cache.stride(),  #
@@ -243,6 +281,7 @@ def dequantize_pages(
             BLOCK_SIZE=block_size,
             WORKSPACE_BLOCK_SIZE=workspace_block_size,
             PER_TOKEN_HEAD=per_token_head,
+            SHORT_QUERIES=short_queries,
             num_warps=4 if workspace_block_size * _head_size_padded(head_size) <= 4096 else 8,
         )
-    return key_workspace, value_workspace, table
+    return Workspace(key_workspace, value_workspace, table, inner_seq_lens)

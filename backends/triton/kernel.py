@@ -407,6 +407,7 @@ def unified_attention_kernel(
     USE_PTX: tl.constexpr,  # inline PTX allowed (compiled for a GPU, not the interpreter)
     UNMASKED_INTERIOR: tl.constexpr,  # interior KV tiles in their own loop without masks (Tiles.unmasked_interior)
     WIDE_OFFSETS: tl.constexpr,  # some cache offset may pass 2^31 - 1: page offsets in int64
+    SHORT_QUERIES_ONLY: tl.constexpr = 0,  # > 0: attend only sequences with at most this many queries
 ):
     tl.static_assert(BLOCK_Q * NUM_QUERIES_PER_KV <= BLOCK_M)
     tl.static_assert(BLOCK_Q >= 1)
@@ -429,6 +430,11 @@ def unified_attention_kernel(
     q_tile = tile_index - (q_start // BLOCK_Q + seq)
     if q_tile * BLOCK_Q >= q_len:
         return
+    if SHORT_QUERIES_ONLY > 0:
+        # The decode rows of a batch whose other rows another kernel computes (backends/dequant): those
+        # rows of Out are left alone.
+        if q_len > SHORT_QUERIES_ONLY:
+            return
     kv_len = tl.load(Seq_lens + seq)
 
     # ---- the query tile: BLOCK_Q tokens x NUM_QUERIES_PER_KV heads -------------------

@@ -220,6 +220,7 @@ def unified_attention(
     num_kv_splits: Optional[int] = None,
     tiles: Optional[Tiles] = None,
     wide_offsets: Optional[bool] = None,
+    short_queries_only: int = 0,
 ) -> torch.Tensor:
     """Run the unified kernel (and, when split, the reduction). Arguments as in
     `backends.triton.forward`, already validated by the dispatcher.
@@ -231,6 +232,10 @@ def unified_attention(
     wide_offsets: None computes page offsets in int64 only where a cache needs them
         (`_needs_wide_offsets`); True forces int64 (for tests and tuning). False is refused where a
         cache needs them.
+    short_queries_only: > 0 attends only the sequences with at most that many queries (read on the
+        device) and leaves every other row of `out` as it is: the decode rows of a mixed batch whose
+        prefill rows another kernel writes (backends/dequant). Decode tiles, one KV segment (the
+        split-KV reduction would write every row), no autotuning.
     """
     num_tokens, num_heads, head_size = q.shape
     num_seqs = seq_lens.shape[0]
@@ -240,9 +245,13 @@ def unified_attention(
     if num_tokens == 0:
         return out
 
-    decode_shaped = is_decode_shaped(num_tokens, num_seqs)
+    decode_shaped = short_queries_only > 0 or is_decode_shaped(num_tokens, num_seqs)
     max_kv_len_bound = block_table.shape[1] * key_cache.shape[1]
-    if tiles is None and autotune.ENABLED and q.device.type == "cuda":
+    if short_queries_only > 0:
+        if num_kv_splits not in (None, 1):
+            raise ValueError(f"num_kv_splits: short_queries_only runs one KV segment, got {num_kv_splits}")
+        num_kv_splits = 1
+    if tiles is None and autotune.ENABLED and q.device.type == "cuda" and short_queries_only == 0:
         tiles = autotune.tiles_for(
             config, q.device, decode_shaped, num_tokens, num_seqs, max_kv_len_bound,
             default=_plan(config, decode_shaped, None).tiles,
@@ -308,6 +317,7 @@ def unified_attention(
             SPLIT_KV=split_kv,
             USE_PTX=q.device.type == "cuda",
             WIDE_OFFSETS=wide_offsets,
+            SHORT_QUERIES_ONLY=short_queries_only,
             **plan.constexprs,
         )
         if split_kv:

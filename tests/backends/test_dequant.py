@@ -240,7 +240,7 @@ def run_workspace(config, inputs, workspace_block_size, caches=None, scale_cache
 def assert_workspace_is_reference(config, inputs, workspace_block_size, result):
     """Every owned slot bit-equal to the float64 reference; the last page's tail zero; later pages untouched."""
     kw = inputs.kwargs
-    key_ws, value_ws, table = result
+    key_ws, value_ws, table, _ = result
     num_seqs, pages_per_seq = table.shape
     assert torch.equal(table.flatten(), torch.arange(num_seqs * pages_per_seq, dtype=torch.int32))
     for name, cache, ws, scale, scale_cache in (
@@ -293,7 +293,7 @@ def test_values_a_plain_float32_product_would_round_twice_come_out_right():
     k_scale_cache, v_scale_cache = scales[:tokens].reshape(2, 16, 1), scales[tokens:].reshape(2, 16, 1)
     block_table = torch.tensor([[1, 0]], dtype=torch.int32)
     seq_lens = torch.tensor([tokens], dtype=torch.int32)
-    key_ws, value_ws, _ = kernel.dequantize_pages(key_cache, value_cache, seq_lens, block_table,
+    key_ws, value_ws, _, _ = kernel.dequantize_pages(key_cache, value_cache, seq_lens, block_table,
                                                   dtype=torch.float16, workspace_block_size=32,
                                                   k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache)
     for cache, scale_cache, ws in ((key_cache, k_scale_cache, key_ws), (value_cache, v_scale_cache, value_ws)):
@@ -440,7 +440,7 @@ def test_gpu_workspace_at_serving_size_is_rounded_once(mode_id, kv_cache_dtype, 
     kv_lens = [4096, 4095, 4097, 4000, 8192]
     inputs = make_inputs(config, [1] * len(kv_lens), kv_lens, device="cuda", seed=7, generate_on_device=True)
     caches, scale_caches = vllm_views(config, inputs)
-    key_ws, value_ws, table = run_gpu_workspace(config, inputs, caches, scale_caches)
+    key_ws, value_ws, table, _ = run_gpu_workspace(config, inputs, caches, scale_caches)
     dtype = config.q_torch_dtype
     kw = inputs.kwargs
     for cache, ws, scale, scale_cache in ((inputs.key_cache, key_ws, kw.get("k_scale"), kw.get("k_scale_cache")),
@@ -542,3 +542,129 @@ def test_gpu_cuda_graph_capture_and_replay(kv_quant_mode, kv_cache_dtype):
     eager = dispatch.attention(*static, config=config, **kwargs)
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decodes straight from the cache (SHORT_QUERIES): only the other sequences are dequantized
+# ------------------------------------------------------------------------------------------------
+
+MIXED_Q_LENS, MIXED_KV_LENS = [1, 17, 4, 5, 1], [40, 17, 129, 33, 16]
+
+
+def test_short_query_sequences_are_not_dequantized():
+    config = make_config("float8_e4m3fn", KVQuantMode.FP8_PER_TOKEN_HEAD)
+    inputs = make_inputs(config, MIXED_Q_LENS, MIXED_KV_LENS, seed=5)
+    num_seqs, width = inputs.block_table.shape
+    pages_per_seq = -(-width * config.block_size // 32)
+    workspace = torch.full((2, num_seqs * pages_per_seq, 32, config.num_kv_heads, config.head_size), SENTINEL,
+                           dtype=config.q_torch_dtype)
+    result = kernel.dequantize_pages(inputs.key_cache, inputs.value_cache, inputs.seq_lens, inputs.block_table,
+                                     dtype=config.q_torch_dtype, workspace_block_size=32, workspace=workspace,
+                                     k_scale_cache=inputs.kwargs["k_scale_cache"],
+                                     v_scale_cache=inputs.kwargs["v_scale_cache"],
+                                     cu_seqlens_q=inputs.cu_seqlens_q, short_queries=4)
+    short = [q <= 4 for q in MIXED_Q_LENS]
+    assert result.seq_lens.tolist() == [q if s else kv for q, kv, s in zip(MIXED_Q_LENS, MIXED_KV_LENS, short)]
+    full = kernel.dequantize_pages(inputs.key_cache, inputs.value_cache, inputs.seq_lens, inputs.block_table,
+                                   dtype=config.q_torch_dtype, workspace_block_size=32,
+                                   k_scale_cache=inputs.kwargs["k_scale_cache"],
+                                   v_scale_cache=inputs.kwargs["v_scale_cache"])
+    for seq, (q_len, kv_len) in enumerate(zip(MIXED_Q_LENS, MIXED_KV_LENS)):
+        for ws, reference in ((result.key_cache, full.key_cache), (result.value_cache, full.value_cache)):
+            pages = ws[seq * pages_per_seq:(seq + 1) * pages_per_seq].flatten(0, 1)
+            expected = reference[seq * pages_per_seq:(seq + 1) * pages_per_seq].flatten(0, 1)
+            if short[seq]:
+                assert torch.equal(pages[:q_len], torch.zeros_like(pages[:q_len]))  # q_len keys of zeros
+                assert (pages[32:] == SENTINEL).all()  # nothing else written: only page 0, of zeros
+            else:
+                assert torch.equal(pages[:kv_len], expected[:kv_len])
+
+
+def _with_split(monkeypatch, enabled: bool):
+    monkeypatch.setattr(dequant, "DECODES_FROM_THE_CACHE", enabled)
+    dequant._clear_caches()
+
+
+@pytest.mark.parametrize("mode_id, kv_cache_dtype, kv_quant_mode", MODES, ids=[m[0] for m in MODES])
+def test_mixed_batch_decodes_run_on_triton_and_prefills_are_unchanged(monkeypatch, mode_id, kv_cache_dtype,
+                                                                       kv_quant_mode):
+    config = make_config(kv_cache_dtype, kv_quant_mode)
+    inputs = make_inputs(config, MIXED_Q_LENS, MIXED_KV_LENS, seed=6)
+    try:
+        _with_split(monkeypatch, True)
+        assert dequant.short_queries_on_triton(config, CPU) == dequant.SHORT_QUERIES == 4
+        assert "run on triton straight from the cache" in str(dispatch.explain(config, "cpu"))
+        split = run_and_judge(config, MIXED_Q_LENS, MIXED_KV_LENS, seed=6)
+        _with_split(monkeypatch, False)
+        assert "straight from the cache" not in str(dispatch.explain(config, "cpu"))
+        whole = run_and_judge(config, MIXED_Q_LENS, MIXED_KV_LENS, seed=6)
+    finally:
+        _with_split(monkeypatch, True)
+    on_triton = config.model_copy(update=dict(backend="triton"))
+    starts = inputs.cu_seqlens_q.tolist()
+    for seq, q_len in enumerate(MIXED_Q_LENS):
+        rows = slice(starts[seq], starts[seq + 1])
+        if q_len <= 4:
+            # The Triton kernel on this sequence alone (a decode-shaped call, as the split's pass is), bit for bit.
+            expected = dispatch.attention(inputs.q[rows], inputs.key_cache, inputs.value_cache,
+                                          torch.tensor([0, q_len], dtype=torch.int32), inputs.seq_lens[seq:seq + 1],
+                                          inputs.block_table[seq:seq + 1], config=on_triton, **inputs.kwargs)
+        else:
+            expected = whole[rows]  # prefill rows: the same workspace and inner call as without the split
+        assert torch.equal(split[rows], expected), seq
+
+
+def test_the_split_needs_triton_to_accept_the_config():
+    # An fp8 output on the CPU: the Triton kernel is refused there, so everything is dequantized (as before).
+    config = make_config("float8_e4m3fn", KVQuantMode.FP8_PER_TENSOR, out_dtype="float8_e4m3fn")
+    assert dequant.short_queries_on_triton(config, CPU) == 0
+    assert "straight from the cache" not in str(dispatch.explain(config, "cpu"))
+    run_and_judge(config, MIXED_Q_LENS, MIXED_KV_LENS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode_id, kv_cache_dtype, kv_quant_mode", MODES, ids=[m[0] for m in MODES])
+def test_gpu_mixed_batch_decodes_from_the_cache(monkeypatch, mode_id, kv_cache_dtype, kv_quant_mode):
+    """With the inner FlashAttention 4 (or triton): decode rows come from the Triton kernel on the cache and
+    stay within the parity bound; prefill rows are bit for bit those of the call that dequantizes everything."""
+    config = make_config(kv_cache_dtype, kv_quant_mode, q_dtype="bfloat16", num_heads=8, num_kv_heads=2,
+                         head_size=128)
+    q_lens, kv_lens = [1, 300, 3, 1, 129, 1], [1000, 300, 517, 17, 2000, 129]
+    inputs = make_inputs(config, q_lens, kv_lens, device="cuda", seed=12)
+    try:
+        _with_split(monkeypatch, True)
+        assert dequant.short_queries_on_triton(config, resolve_device("cuda")) == dequant.SHORT_QUERIES
+        split = dispatch.attention(*inputs.args, config=config, **inputs.kwargs)
+        _with_split(monkeypatch, False)
+        whole = dispatch.attention(*inputs.args, config=config, **inputs.kwargs)
+    finally:
+        _with_split(monkeypatch, True)
+    exact = float64_attention(inputs, config)
+    bound = parity_bound(config, inputs, exact.cpu())
+    assert float((split.double() - exact).abs().max()) <= bound
+    starts = inputs.cu_seqlens_q.tolist()
+    for seq, q_len in enumerate(q_lens):
+        if q_len > dequant.SHORT_QUERIES:
+            rows = slice(starts[seq], starts[seq + 1])
+            assert torch.equal(split[rows], whole[rows]), seq
+
+
+def test_workspace_pages_are_fa4s_kv_tile_with_fa4_inside(monkeypatch):
+    """Pages of exactly FA4's KV tile load by TMA (its fast path); the zeros past each sequence's end make
+    the tail FA4's record worries about harmless. Other inner backends keep WORKSPACE_BLOCK_SIZE."""
+    from backends.flash_attn import fa4
+    from dispatch.selector import Plan
+
+    config = make_config(q_dtype="bfloat16", num_heads=32, num_kv_heads=8, head_size=128)
+    inner_config = dequant.workspace_config(config, "flash_attn")
+    fa4_plan = Plan("flash_attn", inner_config, H200, fa4.CAPABILITY, fa4.forward)
+    assert dequant.workspace_block_size(fa4_plan, H200) == fa4.kv_tile(inner_config, H200) == 128
+    monkeypatch.setattr(dequant, "FA4_TILE_PAGES", False)
+    assert dequant.workspace_block_size(fa4_plan, H200) == dequant.WORKSPACE_BLOCK_SIZE
+    monkeypatch.setattr(dequant, "FA4_TILE_PAGES", True)
+    triton_plan = Plan("triton", dequant.workspace_config(config, "triton"), H200, fa4.CAPABILITY, lambda *a, **k: None)
+    assert dequant.workspace_block_size(triton_plan, H200) == dequant.WORKSPACE_BLOCK_SIZE
+    # A tile that is not a power of two (head size 96, non-causal: 144) cannot be one Triton block.
+    odd = dequant.workspace_config(make_config(q_dtype="bfloat16", head_size=96, causal=False), "flash_attn")
+    assert fa4.kv_tile(odd, H200) == 144
+    assert dequant.workspace_block_size(Plan("flash_attn", odd, H200, fa4.CAPABILITY, fa4.forward), H200) == 32
