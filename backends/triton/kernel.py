@@ -424,17 +424,24 @@ def unified_attention_kernel(
     tile_index = tl.program_id(0)
     kv_head = tl.program_id(1)
 
-    seq = _find_sequence(Cu_seqlens_q, tile_index, num_seqs, BLOCK_Q)
-    q_start = tl.load(Cu_seqlens_q + seq)
-    q_len = tl.load(Cu_seqlens_q + seq + 1) - q_start
-    q_tile = tile_index - (q_start // BLOCK_Q + seq)
-    if q_tile * BLOCK_Q >= q_len:
-        return
     if SHORT_QUERIES_ONLY > 0:
-        # The decode rows of a batch whose other rows another kernel computes (backends/dequant): those
-        # rows of Out are left alone.
+        # Only the short-query sequences (decodes) of a batch whose other rows another kernel computes
+        # (backends/dequant): a fixed number of tiles per sequence, no search; other rows of Out are left
+        # alone. The grid is num_seqs * cdiv(SHORT_QUERIES_ONLY, BLOCK_Q) tiles (launcher.py).
+        SHORT_TILES: tl.constexpr = (SHORT_QUERIES_ONLY + BLOCK_Q - 1) // BLOCK_Q
+        seq = tile_index // SHORT_TILES
+        q_tile = tile_index % SHORT_TILES
+        q_start = tl.load(Cu_seqlens_q + seq)
+        q_len = tl.load(Cu_seqlens_q + seq + 1) - q_start
         if q_len > SHORT_QUERIES_ONLY:
             return
+    else:
+        seq = _find_sequence(Cu_seqlens_q, tile_index, num_seqs, BLOCK_Q)
+        q_start = tl.load(Cu_seqlens_q + seq)
+        q_len = tl.load(Cu_seqlens_q + seq + 1) - q_start
+        q_tile = tile_index - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
+        return
     kv_len = tl.load(Seq_lens + seq)
 
     # ---- the query tile: BLOCK_Q tokens x NUM_QUERIES_PER_KV heads -------------------

@@ -291,6 +291,8 @@ def unified_attention(
     v_scale_strides = v_scale_cache.stride() if v_scale_cache is not None else (0, 0, 0)
 
     def grid(meta):
+        if short_queries_only > 0:  # a fixed number of tiles per sequence (kernel.py)
+            return (num_seqs * triton.cdiv(short_queries_only, meta["BLOCK_Q"]), num_kv_heads, 1)
         return (num_tokens // meta["BLOCK_Q"] + num_seqs, num_kv_heads, num_kv_splits)
 
     # One interpreted kernel at a time on the CPU (backends/interpreter_lock.py); a no-op on the GPU.
