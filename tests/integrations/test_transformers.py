@@ -80,8 +80,10 @@ def fake_quantize(x: torch.Tensor, which: str, layer: int) -> torch.Tensor:
     fmax = FORMAT_MAX[dtype]
     if mode is KVQuantMode.FP8_PER_TENSOR:
         if Emulation.given is not None:
-            # A given scale reaches the cache as float32, as every scale tensor does.
-            scale = torch.tensor(Emulation.given[which == "v"], dtype=torch.float32).double()
+            # A given scale reaches the cache as a float32 tensor on the cache's device, as every scale tensor
+            # does. On that device: CUDA divides by a CPU scalar as a multiplication by its reciprocal, which
+            # rounds exact fp8 ties the other way (15 of 1216 keys for k_scale=0.03 on an H200).
+            scale = torch.tensor(Emulation.given[which == "v"], dtype=torch.float32, device=x.device).double()
         else:
             # Calibrated once, on the layer's first call (the prefill): amax * headroom / format max.
             key = (layer, which)
