@@ -43,7 +43,7 @@ def compile_kernel(args):
         BLOCK_SIZE=args.block_size, BLOCK_Q=block_m // 4, BLOCK_M=block_m, TILE_N=args.tile_n or (128 if decode else 64),
         KV_QUANT=MODES[args.mode], Q_FP8=args.q == "fp8", OUT_FP8=False, IS_CAUSAL=True, USE_SLIDING_WINDOW=False,
         USE_SOFTCAP=False, USE_ALIBI=False, USE_SINKS=False, SPLIT_KV=False, USE_PTX=True,
-        UNMASKED_INTERIOR=not args.one_masked_loop, WIDE_OFFSETS=args.wide_offsets,
+        UNMASKED_INTERIOR=not args.one_masked_loop, WIDE_OFFSETS=args.wide_offsets, SHORT_QUERIES_ONLY=0,
         # what the JIT specializes: unit strides become constants
         stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_ksch=1, stride_vsch=1, stride_alibi=1,
         stride_sink=1,
