@@ -92,10 +92,11 @@ SPEED_RULES: tuple[SpeedRule, ...] = (
     # Decode keeps the default order: dequantizing whole contexts costs more than reading them quantized
     # (64 x 8k fp8: dequant 1.70 ms vs triton 0.41 ms).
     SpeedRule("sm90", "prefill", "16-bit", "quantized", ("dequant", "triton"),
-              "H200, causal prefill with a bf16 query, block size 16, TFLOP/s dequant (+FA4) vs triton: 4 x 4k "
-              "fp8 424 vs 271, fp8 per-token-head 512 vs 160, int8 per-token-head 373 vs 162; 1 x 16k 617 / 566 "
-              "/ 572 vs 323 / 183 / 172; 2 prefills of 2k + 62 decodes 282 / 280 / 264 vs 216 / 135 / 124; "
-              "RESULTS.md, 2026-12-01", needs=("flash_attn",)),
+              "H200, causal prefill with a bf16 query, block size 16, TFLOP/s dequant (+FA4; decodes on triton "
+              "from the cache) vs triton: 4 x 4k fp8 568 vs 297, fp8 per-token-head 555 vs 170, int8 per-token-head "
+              "548 vs 162; 1 x 16k 669 / 653 / 630 vs 326 / 181 / 173; 2 prefills of 2k + 62 decodes 483 / 442 / "
+              "453 vs 234 / 131 / 125 (FA4 on a bf16 cache: 560 / 568 / 449); RESULTS.md, 2026-12-01 (sixth "
+              "session)", needs=("flash_attn",)),
 )
 
 
