@@ -14,6 +14,7 @@ Tags (a case's users):
   bench           benchmarks/attention.py's serving shapes (CUDA);
   bench-quick     the subset `--quick` times; bench-smoke: the CPU smoke run
   triton          tests/backends/test_triton.py's length sets (CPU interpreter)
+  sdpa            tests/backends/test_sdpa.py's length set
   gpu             GPU tests; with flash_attn: the FlashAttention 4 cases, with
                   triton: the Triton GPU tests' length sets
 
@@ -138,6 +139,9 @@ CASES: tuple[Case, ...] = (
     _case("triton-mixed", [1, 15, 17, 4], [16, 15, 40, 70], "triton"),
     # 1 / 15 / 16 / 17 / 127 / 128 / 129 around page and tile edges, decode and prefill in one batch.
     _case("triton-edges", [1, 15, 16, 17, 1, 127, 3], [1, 15, 16, 129, 128, 127, 129], "triton"),
+    # -- the sdpa backend's tests (no interpreter: a bigger batch) ------------------------------------
+    # Lengths around page (16) and tile (128) edges, with decode, whole-prompt and chunked-prefill sequences.
+    _case("sdpa-edges", [1, 1, 16, 5, 127, 1, 40], [1, 15, 16, 17, 127, 128, 129], "sdpa"),
     # -- GPU tests of the Triton kernel at realistic lengths ---------------------------------------
     # Decode (1 token against 8k, 2k, 1), full prefill (300/300) and chunked prefill (1024 new of 1500).
     _case("gpu-mixed-8k", [1, 1, 300, 1, 1024, 16], [8000, 1, 300, 2048, 1500, 4000], "gpu triton"),

@@ -92,7 +92,7 @@ def test_the_block_table_maps_each_token_to_its_page_slot():
 # The case table
 # ------------------------------------------------------------------------------------------------
 
-TAGS = {"selftest", "parity", "bench", "bench-quick", "bench-smoke", "triton", "gpu", "flash_attn"}
+TAGS = {"selftest", "parity", "bench", "bench-quick", "bench-smoke", "triton", "sdpa", "gpu", "flash_attn"}
 
 
 def test_every_case_is_used_and_every_complete_case_builds_its_config():

@@ -9,12 +9,12 @@ import torch
 import dispatch
 from backends import sdpa
 from dispatch import AttentionConfig, InputError, KVQuantMode
+from dispatch.cases import case
 from tests.cases import assert_close_to_oracle, make_inputs, output_as_real, tolerance, unit_roundoff
 from tests.oracle import reference_attention
 
 # Lengths around page (16) and tile (128) edges, with decode, whole-prompt and chunked-prefill sequences.
-KV_LENS = [1, 15, 16, 17, 127, 128, 129]
-Q_LENS = [1, 1, 16, 5, 127, 1, 40]
+Q_LENS, KV_LENS = list(case("sdpa-edges").q_lens), list(case("sdpa-edges").kv_lens)
 
 MODES = {
     # name: config fields
