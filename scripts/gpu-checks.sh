@@ -3,11 +3,14 @@
 # Usage on a CUDA machine, from the repository root:
 #   bash scripts/gpu-checks.sh [tests|parity|selftest|bench|overhead|tune|profile|all]...
 # Where the tree was copied without .git, set DISPATCH_COMMIT so the reports name the commit.
+# JOBS=N runs the tests and the parity matrix in N processes (pytest-xdist; the parity report is merged).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 steps=${*:-all}
+parallel=()
+if [[ -n "${JOBS:-}" ]]; then parallel=(-n "$JOBS"); fi
 has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -17,10 +20,10 @@ has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 if has tests; then
-  python3 -m pytest -m gpu tests --ignore=tests/parity -q -p no:cacheprovider -x 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+  python3 -m pytest -m gpu tests --ignore=tests/parity -q -p no:cacheprovider -x "${parallel[@]}" 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi
 if has parity; then
-  python3 -m tests.parity --device cuda --report "$OUT/RESULTS-gpu.md" -p no:cacheprovider 2>&1 | tail -8 > "$OUT/parity.log"
+  python3 -m tests.parity --device cuda --report "$OUT/RESULTS-gpu.md" -p no:cacheprovider "${parallel[@]}" 2>&1 | tail -8 > "$OUT/parity.log"
   cat "$OUT/parity.log"
 fi
 if has selftest; then

@@ -34,8 +34,23 @@ def pytest_addoption(parser):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    path = session.config.getoption("--parity-report")
+    from dataclasses import asdict
+
     from tests.parity.report import RESULTS, write_report
 
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        # A pytest-xdist worker holds only its share: it hands the results to the controller
+        # (pytest_testnodedown below), which writes the one report.
+        workeroutput["parity_results"] = [asdict(r) for r in RESULTS]
+        return
+    path = session.config.getoption("--parity-report")
     if path and RESULTS:
         write_report(path)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without xdist
+def pytest_testnodedown(node, error):
+    from tests.parity.report import RESULTS, ParityResult
+
+    RESULTS.extend(ParityResult(**fields) for fields in getattr(node, "workeroutput", {}).get("parity_results", ()))
