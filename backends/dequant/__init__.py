@@ -10,7 +10,7 @@ up to three launches:
 
 1. `kernel.dequantize_pages`: one Triton launch writes, for each sequence, its keys and values
    as real = stored * scale rounded once to the query's dtype, into a compact paged
-   workspace of WORKSPACE_BLOCK_SIZE-token pages with an identity block table (kernel.py).
+   workspace with an identity block table (kernel.py; page size below).
    Where the Triton kernel accepts the config itself, sequences with at most SHORT_QUERIES
    queries (decodes) are skipped: the inner call sees q_len keys of zeros for them;
 2. the inner backend runs the derived 16-bit config (`workspace_config`: the same config with
@@ -71,7 +71,7 @@ INNER_ORDER = ("flash_attn", "triton", "sdpa")
 WORKSPACE_BLOCK_SIZE = 32
 # Sequences with at most this many queries (decodes, the workload boundary of dispatch.speed) are attended
 # straight from the cache by the Triton kernel where it accepts the config; DECODES_FROM_THE_CACHE = False
-# dequantizes them too (the A/B switch of benchmarks.dequant_split).
+# dequantizes them too (the tests compare the two plans).
 SHORT_QUERIES = DECODE_MAX_QUERY_LEN
 DECODES_FROM_THE_CACHE = True
 # With FlashAttention 4 inside, workspace pages of exactly its KV tile (TMA loads, its fast paged path;
@@ -170,9 +170,9 @@ def _inner_backend(config: AttentionConfig, device: DeviceInfo) -> list[str]:
 
 
 CAPABILITY = Capability(
-    description=("Dequantize the pages a batch reads into a 16-bit workspace (Triton; pages of FA4's KV tile with "
-                 f"FA4 inside, else {WORKSPACE_BLOCK_SIZE} tokens), then run the first 16-bit backend that fits: " + ", ".join(INNER_ORDER)
-                 + " (sdpa on CPU only)"),
+    description=("Dequantize the pages a batch reads into a 16-bit workspace (Triton; pages of FA4's KV tile "
+                 f"with FA4 inside, else {WORKSPACE_BLOCK_SIZE} tokens), then run the first 16-bit backend that "
+                 "fits: " + ", ".join(INNER_ORDER) + " (sdpa on CPU only); decodes on triton from the cache where it accepts the config"),
     q_dtypes=SIXTEEN_BIT_DTYPES,
     kv_cache_dtypes=frozenset({"float8_e4m3fn", "float8_e5m2", "int8"}),
     out_dtypes=OUT_DTYPES,  # the inner backend's own rules narrow it (_inner_backend)
@@ -185,12 +185,7 @@ CAPABILITY = Capability(
     required_modules=("triton",),
     cuda_graph_safe=True,
     extra_rules=(_cpu_needs_interpreter, _interpreter_rounding, _inner_backend),
-    plan_note=lambda config, device: (
-        f"here: dequantize, then {choose_inner(config, device).name}"
-        + (f" on {workspace_block_size(choose_inner(config, device).plan, device)}-token pages"
-           if choose_inner(config, device).plan is not None else "")
-        + (f"; sequences with at most {SHORT_QUERIES} queries (decodes) run on triton straight from the cache"
-           if short_queries_on_triton(config, device) else "")),
+    plan_note=lambda config, device: _plan_note(config, device),
 )
 
 
@@ -210,6 +205,17 @@ def short_queries_on_triton(config: AttentionConfig, device: DeviceInfo) -> int:
     except UnsupportedConfigError:
         return 0
     return SHORT_QUERIES
+
+
+def _plan_note(config: AttentionConfig, device: DeviceInfo) -> str:
+    """What `explain` says runs here: the inner backend, its page size, and where the decodes go."""
+    inner = choose_inner(config, device).plan
+    note = f"here: dequantize, then {inner.name if inner else None}"
+    if inner is not None:
+        note += f" on {workspace_block_size(inner, device)}-token pages"
+    if short_queries_on_triton(config, device):
+        note += f"; sequences with at most {SHORT_QUERIES} queries (decodes) run on triton straight from the cache"
+    return note
 
 
 def workspace_block_size(inner: Plan, device: DeviceInfo) -> int:
