@@ -172,7 +172,8 @@ def _inner_backend(config: AttentionConfig, device: DeviceInfo) -> list[str]:
 CAPABILITY = Capability(
     description=("Dequantize the pages a batch reads into a 16-bit workspace (Triton; pages of FA4's KV tile "
                  f"with FA4 inside, else {WORKSPACE_BLOCK_SIZE} tokens), then run the first 16-bit backend that "
-                 "fits: " + ", ".join(INNER_ORDER) + " (sdpa on CPU only); decodes on triton from the cache where it accepts the config"),
+                 "fits: " + ", ".join(INNER_ORDER) + " (sdpa on CPU only); decodes on triton from the cache "
+                 "where it accepts the config"),
     q_dtypes=SIXTEEN_BIT_DTYPES,
     kv_cache_dtypes=frozenset({"float8_e4m3fn", "float8_e5m2", "int8"}),
     out_dtypes=OUT_DTYPES,  # the inner backend's own rules narrow it (_inner_backend)
