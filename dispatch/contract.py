@@ -187,6 +187,11 @@ _CHECK_ORDER: tuple[Argument, ...] = tuple(
 )
 
 
+# Call sizes that per-step arguments bind; no other argument may use them (their checks are skipped when the
+# per-step tensors repeat: compile_fast_check).
+_STEP_SYMBOLS = frozenset(symbol for symbol, (binder, _) in BINDERS.items() if _BY_NAME[binder].per_step)
+
+
 def by_name(name: str) -> Argument:
     return _BY_NAME[name]
 
@@ -323,7 +328,9 @@ def compile_fast_check(config: AttentionConfig, contiguous: frozenset[str] = fro
     could change in place (``resize_``, ``set_``) between two calls and go unseen; engines do not do
     that to their batch metadata, and debug mode (``validate=True``) still checks every value.
     """
-    env: dict[str, Any] = {"_overlap": _overlap, "_memo": [(None, None, None, None)]}
+    step_names = [a.name for a in _CHECK_ORDER if a.per_step]
+    # The memory: the per-step tensors last accepted, then q's device (nothing accepted yet: all None).
+    env: dict[str, Any] = {"_overlap": _overlap, "_memo": [(None,) * (len(step_names) + 1)]}
     bound: set[str] = set()
     per_call: list[str] = []
     per_step: list[str] = []
@@ -331,7 +338,6 @@ def compile_fast_check(config: AttentionConfig, contiguous: frozenset[str] = fro
         if required(argument, config) is not False:
             target = per_step if argument.per_step else per_call
             target.extend(_argument_lines(argument, config, contiguous, env, bound))
-    step_names = [a.name for a in _CHECK_ORDER if a.per_step]
     lines = ["device = q.device"]
     forbidden = [a.name for a in _CHECK_ORDER if required(a, config) is False]
     if forbidden:
@@ -353,11 +359,6 @@ def compile_fast_check(config: AttentionConfig, contiguous: frozenset[str] = fro
     function = env["fast_check"]
     function.source = source  # for debugging and tests
     return function
-
-
-def _step_symbols() -> frozenset[str]:
-    """Call sizes that per-step arguments bind; no other argument may use them (their checks are skipped)."""
-    return frozenset(symbol for symbol, (binder, _) in BINDERS.items() if _BY_NAME[binder].per_step)
 
 
 def _argument_lines(argument: Argument, config: AttentionConfig, contiguous: frozenset[str], env: dict[str, Any],
@@ -393,7 +394,7 @@ def _argument_lines(argument: Argument, config: AttentionConfig, contiguous: fro
         if symbol in CONFIG_DIMS:
             expected.append(str(_config_size(config, symbol) + offset))
             continue
-        if (symbol in _step_symbols()) != argument.per_step:
+        if (symbol in _STEP_SYMBOLS) != argument.per_step:
             raise ValueError(f"{name}: call size {symbol!r} is bound by a per-step argument, and only per-step "
                              "arguments may use it (their checks are skipped on a repeated step)")
         if symbol not in bound:

@@ -34,7 +34,7 @@ from dispatch import AttentionConfig, KVQuantMode, UnsupportedConfigError
 from dispatch.capabilities import DeviceInfo, reasons, resolve_device
 from tests.cases import make_inputs, output_as_real
 from tests.oracle import reference_attention
-from tests.parity.same_precision import float64_attention, same_precision_attention
+from tests.parity.same_precision import float64_attention, output_rounding_error, same_precision_attention
 
 kernel = pytest.importorskip("backends.dequant.kernel")  # imports triton
 
@@ -339,13 +339,7 @@ def parity_bound(config, inputs, oracle: torch.Tensor, multiple: float = 2.0) ->
     """The parity grid's bound (tests/parity/test_parity.py): multiple x the error of the plain
     same-precision computation, plus two roundings of the exact result into the output dtype."""
     same = same_precision_attention(inputs, config).cpu()
-    if config.out_is_fp8:
-        scale = float(inputs.kwargs["output_scale"][0])
-        limit = torch.finfo(config.out_torch_dtype).max
-        rounded = (oracle / scale).clamp(-limit, limit).to(config.out_torch_dtype).double() * scale
-    else:
-        rounded = oracle.to(config.out_torch_dtype).double()
-    return multiple * float((same - oracle).abs().max()) + 2 * float((rounded - oracle).abs().max()) + 1e-6
+    return multiple * float((same - oracle).abs().max()) + 2 * output_rounding_error(oracle, inputs, config) + 1e-6
 
 
 def run_and_judge(config, q_lens, kv_lens, seed=0, multiple=2.0, inputs=None) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from dispatch.config import AttentionConfig
 from dispatch.testing import AttentionInputs
 
-__all__ = ["same_precision_attention", "float64_attention", "float64_weights", "Weights"]
+__all__ = ["same_precision_attention", "output_rounding_error", "float64_attention", "float64_weights", "Weights"]
 
 
 def _real(stored: torch.Tensor, scale: Optional[torch.Tensor], token_scales: Optional[torch.Tensor],
@@ -129,6 +129,18 @@ class Weights:
     def out(self) -> torch.Tensor:
         """Attention output of these rows: [c, H, D]."""
         return (self.probs @ self.values).transpose(0, 1)
+
+
+def output_rounding_error(exact: torch.Tensor, inputs: AttentionInputs, config: AttentionConfig) -> float:
+    """Max error of rounding the exact float64 result into config.out_dtype (through output_scale and the
+    format's saturation for an fp8 output): no backend can beat it, so parity bounds allow for it."""
+    if config.out_is_fp8:
+        scale = float(inputs.kwargs["output_scale"][0])
+        limit = torch.finfo(config.out_torch_dtype).max
+        rounded = (exact / scale).clamp(-limit, limit).to(config.out_torch_dtype).double() * scale
+    else:
+        rounded = exact.to(config.out_torch_dtype).double()
+    return float((rounded - exact).abs().max())
 
 
 def float64_weights(inputs: AttentionInputs, config: AttentionConfig, rows_per_chunk: int = 256) -> Iterator[Weights]:

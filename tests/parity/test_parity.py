@@ -29,7 +29,7 @@ from dispatch.testing import make_inputs, output_as_real
 from tests.oracle import reference_attention
 from tests.parity.grid import Case, cases
 from tests.parity.report import RESULTS, ParityResult
-from tests.parity.same_precision import same_precision_attention
+from tests.parity.same_precision import output_rounding_error, same_precision_attention
 
 _OUTPUTS: dict[tuple[str, str, str], torch.Tensor] = {}  # (device, case, backend) -> real output that passed
 _RAN_HERE: set[tuple[str, str, str]] = set()  # (device, case, backend) whose parity test ran in this process
@@ -66,13 +66,7 @@ def _same_precision_error(case: Case) -> tuple[float, float]:
     inputs = make_inputs(config, case.q_lens, case.kv_lens, seed=_seed(case))
     ref = _oracle(case)
     same = same_precision_attention(inputs, config)
-    if config.out_is_fp8:
-        scale = float(inputs.kwargs["output_scale"][0])
-        limit = torch.finfo(config.out_torch_dtype).max
-        rounded = (ref / scale).clamp(-limit, limit).to(config.out_torch_dtype).double() * scale
-    else:
-        rounded = ref.to(config.out_torch_dtype).double()
-    return float((same - ref).abs().max()), float((rounded - ref).abs().max())
+    return float((same - ref).abs().max()), output_rounding_error(ref, inputs, config)
 
 
 def _multiple(case: Case, backend: str) -> float:
